@@ -1,0 +1,47 @@
+# Two commands a new user needs: `make run` (the experiment) and `make test` (the suite).
+# Both install what they need into .venv first (idempotent: a stamp file records the lock).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/toy_grpo.yaml
+# Keep torch on the cores this machine has; tests pin their own thread count.
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install run test lint format bench lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -qq -r requirements.lock
+	$(PY) -m pip install -qq --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/npo run $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+format: install
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
+
+bench: install
+	$(PY) bench/throughput.py
+
+# Re-resolve the pinned set from pyproject.toml (needs network to PyPI).
+lock:
+	rm -rf /tmp/npo-lock-venv && $(PYTHON) -m venv /tmp/npo-lock-venv
+	/tmp/npo-lock-venv/bin/pip install -qq torch==2.13.0 -e ".[cluster,dev]"
+	/tmp/npo-lock-venv/bin/pip freeze --exclude-editable | sed 's/^torch==.*/torch==2.13.0/' > requirements.lock
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

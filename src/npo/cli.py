@@ -1,0 +1,138 @@
+"""The `npo` command.
+
+    npo run [CONFIG] [--set key.path=value ...] [--fresh]   warm-up + GRPO, report, resumable
+    npo eval CHECKPOINT [--config CONFIG]                   greedy pass@1 of a checkpoint
+    npo show-config [CONFIG] [--set ...]                    the validated config as YAML
+
+Exit codes: 0 ok, 1 the run failed, 2 bad input (config, paths).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from npo.config import ConfigError, ExperimentConfig, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Near-Future Policy Optimization experiments.",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="Experiment YAML (embedded defaults when omitted).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config field: key.path=value (repeatable)."),
+]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _summary_table(summary: dict) -> Table:
+    table = Table(title="run summary", show_header=False)
+    for key, value in summary.items():
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(key, text)
+    return table
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    fresh: Annotated[bool, typer.Option(help="Delete a previous run of this name first.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Run (or resume) an experiment locally: warm-up, RL, report."""
+    cfg = _load(config, set_)
+    _quiet_libraries()
+    from npo.experiment import run_experiment
+    from npo.progress import RichProgress
+    from npo.steps.context import RunConflict
+
+    console.print(f"[bold]npo run[/bold] {cfg.name}: method={cfg.method} task={cfg.task.kind}")
+    try:
+        if quiet:
+            summary = run_experiment(cfg, fresh=fresh)
+        else:
+            with RichProgress(console) as progress:
+                summary = run_experiment(cfg, fresh=fresh, progress=progress)
+    except RunConflict as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(_summary_table(summary))
+    console.print(f"report: {summary['report']}")
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint folder (with policy/) or an HF model folder.")
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Config naming the task (default: the run's config.yaml)."),
+    ] = None,
+    set_: SetOpt = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N problems.")] = None,
+) -> None:
+    """Greedy pass@1 of a checkpoint on the task's held-out problems."""
+    from npo.steps.checkpoint_eval import find_run_config, resolve_policy_dir
+
+    try:
+        policy_dir = resolve_policy_dir(checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    cfg = _load(config or find_run_config(checkpoint), set_)
+    _quiet_libraries()
+    import torch
+
+    from npo.policy import load_policy
+    from npo.steps.evaluate import evaluate_policy
+    from npo.tasks import make_task
+
+    torch.set_num_threads(cfg.train.threads)
+    model, tokenizer = load_policy(policy_dir, cfg.model.dtype)
+    task = make_task(cfg.task)
+    problems = task.eval_problems()[:limit]
+    result = evaluate_policy(model, tokenizer, task, problems, cfg.rollout.max_new_tokens)
+    console.print(_summary_table({"checkpoint": str(checkpoint), **result}))
+
+
+@app.command("show-config")
+def show_config(config: ConfigArg = None, set_: SetOpt = None) -> None:
+    """Print the validated config (defaults filled in) as YAML."""
+    cfg = _load(config, set_)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,271 @@
+"""The experiment config: one validated pydantic model, loaded from YAML.
+
+Every field is documented once, here. `load_config(path, overrides)` reads YAML (or the
+embedded defaults when no path is given), applies `--set key.path=value` overrides and
+validates; any error raises `ConfigError` whose message names the field.
+
+    cfg = load_config("configs/toy_grpo.yaml", ["algo.lr=3e-4", "train.steps=50"])
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- tasks
+class AnswerFormat(StrEnum):
+    plain = "plain"
+    reversed = "reversed"  # least-significant digit first: learnable left-to-right
+
+
+class ArithmeticTaskConfig(_Strict):
+    kind: Literal["arithmetic"] = "arithmetic"
+    digits: int = Field(3, ge=1, le=9, description="Digits per operand.")
+    operation: Literal["add", "sub", "mul"] = Field("add", description="Operation to learn.")
+    answer_format: AnswerFormat = Field(
+        AnswerFormat.reversed, description="How the answer is written in the response."
+    )
+    n_train: int = Field(4096, ge=1, description="Number of training prompts.")
+    n_eval: int = Field(256, ge=1, description="Number of held-out eval prompts (disjoint).")
+    seed: int = Field(1234, description="Seed of the prompt sets (independent of run seed).")
+
+
+class MathTaskConfig(_Strict):
+    kind: Literal["math"] = "math"
+    train_path: Path = Field(description="JSONL file with one {prompt, answer} per line.")
+    eval_path: Path = Field(description="JSONL file of held-out {prompt, answer} lines.")
+    timeout_s: float = Field(5.0, gt=0, description="Per-call timeout of math-verify.")
+    prompt_template: str = Field(
+        "{prompt}", description="Format string applied to each prompt; must contain {prompt}."
+    )
+
+    @model_validator(mode="after")
+    def _template(self) -> MathTaskConfig:
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{prompt}'")
+        return self
+
+
+TaskConfig = Annotated[ArithmeticTaskConfig | MathTaskConfig, Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- model
+class TinyModelConfig(_Strict):
+    hidden_size: int = Field(128, ge=8, description="Width of the built-in Llama-style model.")
+    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads (hidden_size % heads == 0).")
+    intermediate_size: int = Field(512, ge=8, description="MLP width.")
+    max_position: int = Field(64, ge=8, description="Longest prompt+response in tokens.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads})"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    source: str = Field(
+        "tiny",
+        description="'tiny' (built-in char-level model) or a local HF model directory.",
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype (float32 on CPU)."
+    )
+
+
+# --------------------------------------------------------------------------- training
+class WarmupConfig(_Strict):
+    steps: int = Field(
+        1500, ge=0, description="Most supervised steps on gold answers (0 = skip the warm-up)."
+    )
+    batch_size: int = Field(64, ge=1, description="Prompts per supervised step.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the warm-up (AdamW).")
+    target_accuracy: float | None = Field(
+        0.4,
+        ge=0,
+        le=1,
+        description="Stop once greedy eval accuracy reaches this (None = run all steps): "
+        "RL starts at the edge of competence, not at 0% or 90%.",
+    )
+    check_every: int = Field(20, ge=1, description="Steps between the target checks.")
+
+
+class RolloutConfig(_Strict):
+    backend: Literal["hf"] = Field("hf", description="Generation backend.")
+    prompts_per_step: int = Field(16, ge=1, description="Distinct prompts per policy step.")
+    group_size: int = Field(8, ge=2, description="Responses sampled per prompt (G).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    max_new_tokens: int = Field(8, ge=1, description="Longest response in tokens.")
+
+
+class AdvEstimator(StrEnum):
+    grpo = "grpo"  # (r - mean) / (std + eps)
+    drgrpo = "drgrpo"  # r - mean (Dr.GRPO: no std normalisation)
+
+
+class LossAgg(StrEnum):
+    token_mean = "token-mean"
+    seq_mean_token_mean = "seq-mean-token-mean"
+
+
+class KLEstimator(StrEnum):
+    k1 = "k1"
+    k3 = "k3"
+
+
+class AlgoConfig(_Strict):
+    adv_estimator: AdvEstimator = Field(AdvEstimator.grpo, description="Advantage estimator.")
+    adv_eps: float = Field(1e-6, gt=0, description="Added to the group std.")
+    loss_agg: LossAgg = Field(LossAgg.token_mean, description="How token losses are averaged.")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip below: ratio >= 1 - low.")
+    clip_high: float = Field(0.28, ge=0, description="PPO clip above: ratio <= 1 + high.")
+    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty (0 = no ref model).")
+    kl_estimator: KLEstimator = Field(KLEstimator.k3, description="KL estimator when used.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    minibatches: int = Field(1, ge=1, description="Optimizer steps per epoch.")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the RL phase.")
+    lr_warmup_steps: int = Field(
+        10, ge=0, description="Policy steps of linear learning-rate warm-up at the RL start."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(150, ge=0, description="Policy steps (rollout batches) of the RL phase.")
+    eval_every: int = Field(10, ge=1, description="Greedy pass@1 on the eval set every K steps.")
+    checkpoint_every: int = Field(25, ge=1, description="Checkpoint every M steps.")
+    eval_size: int | None = Field(
+        None, ge=1, description="Eval on the first N eval prompts (None = all)."
+    )
+    threads: int = Field(2, ge=1, description="torch intra-op threads.")
+
+
+# --------------------------------------------------------------------------- storage
+class StoreConfig(_Strict):
+    root: Path = Field(Path("runs"), description="Local folder for runs (reports, SQLite, MLflow).")
+    artifacts_uri: str | None = Field(
+        None, description="Where checkpoints go: file:///path (default <root>/<run>/artifacts)."
+    )
+    metadata_url: str | None = Field(
+        None, description="SQLAlchemy URL of the metadata DB (default sqlite:///<root>/npo.db)."
+    )
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = Field(True, description="Log to MLflow.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; MLFLOW_TRACKING_URI wins when set; "
+        "default sqlite:///<root>/mlflow.db with artifacts under <root>/mlartifacts.",
+    )
+    experiment: str = Field("npo", description="MLflow experiment name.")
+
+
+# --------------------------------------------------------------------------- root
+class ExperimentConfig(_Strict):
+    name: str = Field("toy-grpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name.")
+    seed: int = Field(0, description="Seed of model init, sampling and data order.")
+    method: Literal["grpo"] = Field("grpo", description="Training method.")
+    task: TaskConfig = Field(default_factory=ArithmeticTaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> ExperimentConfig:
+        batch = self.rollout.prompts_per_step * self.rollout.group_size
+        if batch % self.algo.minibatches:
+            raise ValueError(
+                f"algo.minibatches ({self.algo.minibatches}) must divide the rollout batch "
+                f"(rollout.prompts_per_step * rollout.group_size = {batch})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML scalars: ints, floats, bools, null, strings, [lists] all behave as in the file.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` strings to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        path, _, raw = item.partition("=")
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {item!r}: empty key")
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+            node = child
+        node[keys[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read YAML at `path` (embedded defaults when None), apply overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    apply_overrides(data, list(overrides or []))
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None

@@ -1,0 +1,92 @@
+"""Policy loading: the built-in tiny Llama-style model, or any local Hugging Face model folder.
+
+Both go through `save_pretrained` / `from_pretrained`, so the code path that loads the toy
+model is the one that loads a real Qwen checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from npo.config import ModelConfig, TinyModelConfig
+from npo.policy.tokenizer import build_char_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_tiny_model(
+    cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> PreTrainedModel:
+    """A randomly initialised Llama-config causal LM sized by `cfg` (seeded, deterministic)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    _plain_generation_config(model, tokenizer)
+    return model
+
+
+def _plain_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    # Sampling must draw from the full tempered distribution: no top-k / top-p truncation,
+    # otherwise the behaviour log-probs we record would not be the ones we sampled from.
+    gc = model.generation_config
+    gc.top_k = None
+    gc.top_p = None
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    gc.bos_token_id = tokenizer.bos_token_id
+
+
+def init_policy(
+    cfg: ModelConfig, alphabet: str, seed: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The starting policy named by `cfg.source`: 'tiny' builds one, else a local HF folder."""
+    if cfg.source == "tiny":
+        tokenizer = build_char_tokenizer(alphabet)
+        model = build_tiny_model(cfg.tiny, tokenizer, seed)
+        return model.to(DTYPES[cfg.dtype]), tokenizer
+    return load_policy(Path(cfg.source), cfg.dtype)
+
+
+def load_policy(
+    path: Path, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model + tokenizer saved with `save_policy` (or any local HF causal-LM folder)."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"not a model folder (no config.json): {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    _plain_generation_config(model, tokenizer)
+    return model, tokenizer
+
+
+def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """Write weights (safetensors), config and tokenizer into `path`."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,49 @@
+"""The structure every rollout backend returns (hf now, vllm later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    """B = number of sampled responses, P = prompt length (left-padded), R = response length.
+
+    prompt_ids [B, P], prompt_mask [B, P]: left-padded prompts (1 = real token).
+    response_ids [B, R], response_mask [B, R]: right-padded responses; the mask covers every
+        generated token up to and including the first EOS.
+    logprobs [B, R]: behaviour log-probs of the sampled tokens under the tempered sampling
+        distribution, log softmax(z / temperature); 0 where the mask is 0.
+    texts: decoded responses (special tokens removed), length B.
+    prompt_index [B]: which input prompt each response answers (for grouping).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    texts: list[str]
+    prompt_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def select(self, idx: torch.Tensor) -> RolloutBatch:
+        """Rows `idx` [K] of the batch (for minibatching)."""
+        rows = idx.tolist()
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            response_ids=self.response_ids[idx],
+            response_mask=self.response_mask[idx],
+            logprobs=self.logprobs[idx],
+            texts=[self.texts[i] for i in rows],
+            prompt_index=self.prompt_index[idx],
+        )

@@ -1,0 +1,282 @@
+"""Experiment tracking: metrics, params and artifacts to MLflow, cheap per step.
+
+One MLflow run per experiment run. `make_tracker` picks the backend from `TrackingConfig`:
+
+    tracker = make_tracker(cfg.tracking, cfg.store.root, run_name=cfg.name)
+    tracker.log_params(cfg.model_dump(mode="json"))        # nested -> "algo.lr", ...
+    tracker.log_metrics({"reward/mean": 0.4}, step=global_step)
+    tracker.finish()                                        # or finish("FAILED")
+
+Choices worth knowing:
+- The tracking URI is, in order: `MLFLOW_TRACKING_URI` (KFP injects it), the config's
+  `tracking_uri`, else a local SQLite store `sqlite:///<root>/mlflow.db` with artifacts
+  under `<root>/mlartifacts` (MLflow 3 deprecates the plain `./mlruns` file store).
+- The run is, in order: `resume_run_id`, `MLFLOW_RUN_ID` (KFP 2.17 injects it), else a new
+  run. A reused run is set back to RUNNING.
+- Metrics are buffered and sent with `log_batch` every `flush_every` steps, so a step
+  costs a dict append, not a database write. Non-finite values (NaN, ±inf) are skipped
+  with one warning per key: MLflow stores inf as 1.8e308, which wrecks chart scales; the
+  raw value stays in the run's metrics.jsonl.
+- On a reused run, points at a step <= the last step already stored for that key are
+  dropped, so replaying steps after a restart does not duplicate points.
+- Params already on a reused run are not sent again (MLflow params are immutable); a
+  changed value is reported in a warning.
+- `mlflow` is imported inside `MlflowTracker` only: it costs ~1 s, which a disabled run
+  should not pay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from npo.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+# MLflow's limits (mlflow.utils.validation); copied so the module imports without mlflow.
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_TAGS_PER_BATCH = 100
+_MAX_PARAM_VAL_LENGTH = 6000
+_MAX_TAG_VAL_LENGTH = 8000
+_MAX_KEY_LENGTH = 250
+_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+class Tracker(Protocol):
+    """What the trainer logs to; `NullTracker` and `MlflowTracker` implement it."""
+
+    run_id: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def flush(self) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Tracking disabled: every call is a no-op."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts to dotted keys with string values, truncated to MLflow's limit.
+
+    >>> flatten_params({"algo": {"lr": 0.001, "clip": [0.2, 0.28]}, "seed": 0})
+    {'algo.lr': '0.001', 'algo.clip': '[0.2, 0.28]', 'seed': '0'}
+    """
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, f"{name}."))
+        else:
+            out[name[:_MAX_KEY_LENGTH]] = str(value)[:_MAX_PARAM_VAL_LENGTH]
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """Hide MLflow's set-up chatter: table creation INFO lines, alembic's per-migration
+    lines and SQLAlchemy deprecation warnings raised inside MLflow's store."""
+    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class MlflowTracker:
+    """Logs to one MLflow run through `MlflowClient` (no global fluent state)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        resume_run_id: str | None = None,
+        flush_every: int = 50,
+        artifact_location: str | None = None,
+    ) -> None:
+        """`artifact_location` applies only when the experiment is created here; for a
+        `sqlite:///` URI it defaults to `mlartifacts/` beside the database file, so
+        artifacts land under the run root rather than the working directory."""
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        # Import before quieting: importing mlflow (re)configures its loggers.
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+
+        self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
+        self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+        self.flush_every = flush_every
+        self._buffer: list[Any] = []  # mlflow.entities.Metric
+        self._buffered_steps = 0
+        self._floor: dict[str, int] = {}  # key -> last step stored before this session
+        self._params: dict[str, str] = {}
+        self._warned_nonfinite: set[str] = set()
+        self._finished = False
+        self.run_id: str | None = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+
+        with _quiet_mlflow():
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            run_id = resume_run_id or os.environ.get("MLFLOW_RUN_ID") or None
+            if run_id:
+                run = self._client.get_run(run_id)  # raises if the id is unknown
+                self.run_id = run.info.run_id
+                self._params = dict(run.data.params)
+                if run.info.status != "RUNNING":
+                    self._client.update_run(run_id, status="RUNNING")
+                for key in run.data.metrics:
+                    step = self.last_logged_step(key)
+                    if step is not None:
+                        self._floor[key] = step
+            else:
+                exp_id = self._experiment_id(experiment, artifact_location)
+                self.run_id = self._client.create_run(exp_id, run_name=run_name).info.run_id
+        log.info("MLflow run %s at %s", self.run_id, self.tracking_uri)
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        if artifact_location is None and self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            artifact_location = (db.parent.resolve() / "mlartifacts").as_uri()
+        exp = self._client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return self._client.create_experiment(name, artifact_location=artifact_location)
+            except MlflowException:  # another process created it first
+                exp = self._client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            self._client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    # ------------------------------------------------------------------ logging
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        new: list[Any] = []
+        for key, value in flatten_params(params).items():
+            old = self._params.get(key)
+            if old is None:
+                new.append(self._Param(key, value))
+                self._params[key] = value
+            elif old != value:
+                log.warning("param %s already logged as %r; keeping it (new %r)", key, old, value)
+        for chunk in _chunks(new, _MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=chunk, synchronous=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        for key, raw in metrics.items():
+            value = float(raw)
+            if not math.isfinite(value):
+                if key not in self._warned_nonfinite:
+                    self._warned_nonfinite.add(key)
+                    log.warning("metric %s is %s at step %d; not logged", key, value, step)
+                continue
+            floor = self._floor.get(key)
+            if floor is not None and step <= floor:
+                continue  # already stored before a restart
+            self._buffer.append(self._Metric(key, value, ts, step))
+        self._buffered_steps += 1
+        if self._buffered_steps >= self.flush_every or len(self._buffer) >= _MAX_METRICS_PER_BATCH:
+            self.flush()
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file, or a directory's contents, to the run's artifacts."""
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        items = [
+            self._RunTag(k[:_MAX_KEY_LENGTH], str(v)[:_MAX_TAG_VAL_LENGTH]) for k, v in tags.items()
+        ]
+        for chunk in _chunks(items, _MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=chunk, synchronous=True)
+
+    def flush(self) -> None:
+        """Send buffered metric points (in batches of <= 1000)."""
+        buffer, self._buffer, self._buffered_steps = self._buffer, [], 0
+        for chunk in _chunks(buffer, _MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Flush and end the run; a second call does nothing."""
+        if status not in _STATUSES:
+            raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
+        if self._finished:
+            return
+        self.flush()
+        self._client.set_terminated(self.run_id, status=status)
+        self._finished = True
+
+    def last_logged_step(self, key: str) -> int | None:
+        """The highest step stored for `key` (pending points are flushed first)."""
+        if self._buffer:
+            self.flush()
+        history = self._client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=None)
+
+
+def default_tracking_uri(root: Path) -> str:
+    """The local store used when no URI is configured: SQLite under the runs root."""
+    return f"sqlite:///{(Path(root).resolve() / 'mlflow.db').as_posix()}"
+
+
+def make_tracker(
+    cfg: TrackingConfig, root: Path, run_name: str, resume_run_id: str | None = None
+) -> Tracker:
+    """The tracker for a run: `NullTracker` when disabled, else an `MlflowTracker`."""
+    if not cfg.enabled:
+        return NullTracker()
+    uri = cfg.tracking_uri or default_tracking_uri(root)
+    return MlflowTracker(uri, cfg.experiment, run_name, resume_run_id=resume_run_id)

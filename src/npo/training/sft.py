@@ -1,0 +1,65 @@
+"""Supervised warm-up on the task's gold responses.
+
+RLVR needs a policy at the edge of competence: at 0% every group is all-wrong and GRPO gets
+no signal, at 90% there is little left to learn. A short supervised phase on gold targets
+puts the tiny toy model in between before RL starts.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from npo.tasks import Problem
+from npo.training.forward import response_logits
+
+
+def encode_targets(
+    tokenizer: PreTrainedTokenizerBase, problems: list[Problem]
+) -> dict[str, torch.Tensor]:
+    """Tokenise prompts (left-padded) and gold targets + EOS (right-padded).
+
+    Returns prompt_ids/prompt_mask [B, P] and response_ids/response_mask [B, R].
+    """
+    enc = tokenizer(
+        [p.prompt for p in problems], return_tensors="pt", padding=True, padding_side="left"
+    )
+    targets = [
+        tokenizer(p.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for p in problems
+    ]
+    width = max(len(t) for t in targets)
+    ids = torch.full((len(targets), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(targets), width), dtype=torch.long)
+    for i, t in enumerate(targets):
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(t)] = 1
+    return {
+        "prompt_ids": enc["input_ids"],
+        "prompt_mask": enc["attention_mask"],
+        "response_ids": ids,
+        "response_mask": mask,
+    }
+
+
+def sft_step(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    max_grad_norm: float = 1.0,
+) -> dict[str, float]:
+    """One cross-entropy step on the gold responses of `problems`; returns metrics."""
+    batch = encode_targets(tokenizer, problems)
+    model.train()
+    logits = response_logits(model, **batch)
+    mask = batch["response_mask"].float()
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), batch["response_ids"], reduction="none"
+    )
+    loss = (nll * mask).sum() / mask.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    return {"sft/loss": loss.item(), "sft/grad_norm": grad_norm.item()}

@@ -1,0 +1,265 @@
+"""The `npo` command: exit codes, error messages, and that bad input leaves nothing on disk.
+
+No training here (tests/test_e2e.py runs the experiment): `run` is only fed configs that must
+be refused before anything starts, and `eval` scores an untrained 1-layer model on 8 problems.
+Exit codes: 0 ok, 1 the run failed, 2 bad input (config, paths).
+
+Run: .venv/bin/python -m pytest tests/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from npo.cli import app
+from npo.config import ExperimentConfig, load_config
+
+_SCRIPT = Path(sys.executable).with_name("npo")
+# The installed console script; the module itself where the venv has none (same app).
+NPO = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "npo.cli"]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """An empty current directory: a run that wrongly starts would write here, not the repo."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+def write_config(folder: Path, text: str) -> Path:
+    """exp.yaml in `folder`: store.root at folder/runs, MLflow off, and a zero-step budget so a
+    config wrongly accepted would finish at once instead of training for minutes."""
+    path = folder / "exp.yaml"
+    header = (
+        f"store: {{root: {folder / 'runs'}}}\ntracking: {{enabled: false}}\n"
+        "warmup: {steps: 0}\ntrain: {steps: 0, threads: 1}\n"
+    )
+    path.write_text(header + text)
+    return path
+
+
+def says(text: str, words: str) -> bool:
+    """`words` occurs in `text`, ignoring whitespace: rich wraps long lines at the console
+    width (80 when not a terminal), at a space or inside a path."""
+    return re.sub(r"\s+", "", words) in re.sub(r"\s+", "", text)
+
+
+def assert_refused(result, workdir: Path, *words: str) -> None:
+    """Exit 2, each of `words` in stderr, nothing on stdout, and no file but the config."""
+    assert result.exit_code == 2, result.output
+    for word in words:
+        assert says(result.stderr, word), result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert not (workdir / "runs").exists()
+    assert sorted(p.name for p in workdir.iterdir()) == ["exp.yaml"]
+
+
+# --------------------------------------------------------------------------- npo run
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "words"),
+    [
+        ("rollout: {group_size: 1}\n", [], ["rollout.group_size", "greater than or equal to 2"]),
+        ("algo: {lrr: 0.1}\n", [], ["algo.lrr", "unknown key"]),
+        ("rollout: {group_size: abc}\n", [], ["rollout.group_size", "integer"]),
+        ("algo: {minibatches: 3}\n", [], ["algo.minibatches (3) must divide"]),
+        ("", ["--set", "algo.lrr=1e-3"], ["algo.lrr", "unknown key"]),
+        ("", ["--set", "model.tiny.num_heads=3"], ["model.tiny", "divisible by num_heads"]),
+        ("", ["--set", "algo.lr"], ["'algo.lr'", "expected key.path=value"]),
+        ("task: {kind: math}\n", [], ["task.math.train_path", "Field required"]),
+    ],
+)
+def test_run_with_bad_config_exits_2_and_creates_nothing(
+    runner, workdir, yaml_text, overrides, words
+):
+    path = write_config(workdir, yaml_text)
+    result = runner.invoke(app, ["run", str(path), "--quiet", *overrides])
+    assert_refused(result, workdir, "error:", *words)
+
+
+def test_run_with_bad_yaml_names_the_file(runner, workdir):
+    path = write_config(workdir, "algo: {lr: 0.1\n")
+    result = runner.invoke(app, ["run", str(path)])
+    assert_refused(result, workdir, str(path), "not valid YAML")
+
+
+def test_run_with_missing_config_file(runner, workdir):
+    result = runner.invoke(app, ["run", str(workdir / "nope.yaml")])
+    assert result.exit_code == 2
+    assert says(result.stderr, f"config file not found: {workdir / 'nope.yaml'}")
+    assert list(workdir.iterdir()) == []
+
+
+def test_run_with_impossible_task_creates_nothing(runner, workdir):
+    # Valid config, but 1-digit addition has only 100 distinct problems.
+    path = write_config(workdir, "task: {kind: arithmetic, digits: 1}\n")
+    result = runner.invoke(app, ["run", str(path), "--quiet"])
+    assert result.exit_code != 0
+    assert not (workdir / "runs").exists()
+    assert sorted(p.name for p in workdir.iterdir()) == ["exp.yaml"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/npo/cli.py run/eval: TaskError (impossible task sizes, missing or malformed "
+    "dataset file) escapes as a traceback with exit 1; catch it next to RunConflict -> exit 2",
+)
+def test_run_with_impossible_task_is_bad_input(runner, workdir):
+    path = write_config(workdir, "task: {kind: arithmetic, digits: 1}\n")
+    result = runner.invoke(app, ["run", str(path), "--quiet"])
+    assert result.exit_code == 2
+    assert says(result.stderr, "task.n_train + task.n_eval")
+
+
+def test_installed_command_exit_code_and_stderr(workdir):
+    """The real console script, in a child process: exit status 2 and the field on stderr."""
+    path = write_config(workdir, "")
+    proc = subprocess.run(
+        [*NPO, "run", str(path), "--set", "algo.lrr=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"COLUMNS": "200"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "algo.lrr: unknown key" in proc.stderr
+    assert proc.stdout == ""
+    assert sorted(p.name for p in workdir.iterdir()) == ["exp.yaml"]
+
+
+# --------------------------------------------------------------------------- show-config
+def test_show_config_applies_overrides(runner):
+    result = runner.invoke(app, ["show-config", "--set", "algo.lr=0.5", "-s", "train.steps=7"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert shown["algo"]["lr"] == 0.5
+    assert shown["train"]["steps"] == 7
+    assert re.search(r"^  lr: 0\.5$", result.stdout, re.MULTILINE)
+
+
+def test_show_config_prints_a_loadable_config(runner, tmp_path):
+    result = runner.invoke(app, ["show-config", "--set", "rollout.temperature=0.7"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "shown.yaml"
+    path.write_text(result.stdout)
+    cfg = load_config(path)
+    assert cfg.rollout.temperature == 0.7
+    assert cfg.model_copy(update={"rollout": ExperimentConfig().rollout}) == ExperimentConfig()
+
+
+def test_show_config_reads_the_yaml_file(runner, tmp_path):
+    path = write_config(tmp_path, "name: from-file\nseed: 9\n")
+    result = runner.invoke(app, ["show-config", str(path)])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert (shown["name"], shown["seed"]) == ("from-file", 9)
+    assert shown["store"]["root"] == str(tmp_path / "runs")
+
+
+def test_show_config_with_unknown_key_exits_2(runner):
+    result = runner.invoke(app, ["show-config", "--set", "algo.lrr=1"])
+    assert result.exit_code == 2
+    assert "algo.lrr: unknown key" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/npo/cli.py show_config: rich's console.print hard-wraps lines at the terminal "
+    "width (80 when piped), so `npo show-config > cfg.yaml` splits long values and writes "
+    "invalid YAML; print with typer.echo (or soft_wrap=True, markup=False)",
+)
+def test_piped_show_config_round_trips_long_values(tmp_path):
+    root = tmp_path / ("a_long_folder_name_" * 8) / "runs"  # > 150 characters
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run(
+        [*NPO, "show-config", "--set", f"store.root={root}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["store"]["root"] == str(root)
+
+
+# --------------------------------------------------------------------------- npo eval
+@pytest.fixture
+def saved_policy(tiny_policy, tmp_path) -> Path:
+    """An untrained tiny model saved with save_policy, as a bare HF model folder."""
+    from npo.policy import save_policy
+
+    model, tok = tiny_policy
+    folder = tmp_path / "model"
+    save_policy(model, tok, folder)
+    return folder
+
+
+def table_value(output: str, key: str) -> str:
+    """The value in the row `key` of the rich summary table."""
+    match = re.search(rf"│ {re.escape(key)}\s*│ (\S+)\s*│", output)
+    assert match, f"no row {key!r} in:\n{output}"
+    return match.group(1)
+
+
+def test_eval_missing_folder_exits_2(runner, tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    result = runner.invoke(app, ["eval", str(missing)])
+    assert result.exit_code == 2
+    assert says(result.stderr, f"no such checkpoint folder: {missing}")
+    assert "Traceback" not in result.output
+
+
+def test_eval_folder_without_model_exits_2(runner, tmp_path):
+    result = runner.invoke(app, ["eval", str(tmp_path)])
+    assert result.exit_code == 2
+    assert says(result.stderr, "is neither a checkpoint (policy/) nor a model folder")
+
+
+def test_eval_saved_model_prints_accuracy(runner, saved_policy, one_thread):
+    result = runner.invoke(app, ["eval", str(saved_policy), "--limit", "8"])
+    assert result.exit_code == 0, result.output
+    accuracy = float(table_value(result.stdout, "eval/accuracy"))
+    assert 0.0 <= accuracy <= 1.0
+    assert float(table_value(result.stdout, "eval/n")) == 8
+    assert 1 <= float(table_value(result.stdout, "eval/response_length")) <= 8
+
+
+def test_eval_finds_the_run_config_and_checkpoint_policy(runner, tiny_policy, tmp_path, one_thread):
+    """A run folder's config.yaml names the task; a checkpoint folder holds policy/."""
+    from npo.policy import save_policy
+
+    run_dir = tmp_path / "runs" / "r1"
+    ckpt = run_dir / "checkpoints" / "step_000003"
+    save_policy(*tiny_policy, ckpt / "policy")
+    (run_dir / "config.yaml").write_text(
+        "task: {kind: arithmetic, digits: 2, n_train: 20, n_eval: 5}\n"
+        "rollout: {max_new_tokens: 3}\n"
+    )
+    result = runner.invoke(app, ["eval", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    assert float(table_value(result.stdout, "eval/n")) == 5  # n_eval from the run's config
+    assert 1 <= float(table_value(result.stdout, "eval/response_length")) <= 3
+
+
+def test_eval_with_bad_config_option_exits_2(runner, saved_policy, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout: {max_new_tokens: 0}\n")
+    result = runner.invoke(app, ["eval", str(saved_policy), "--config", str(bad)])
+    assert result.exit_code == 2
+    assert says(result.stderr, "rollout.max_new_tokens")

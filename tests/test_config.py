@@ -1,0 +1,332 @@
+"""The experiment config: defaults, YAML loading, `--set` overrides, and error messages.
+
+Every rejected config must raise `ConfigError` whose message names the offending field, so a
+user can fix it without reading a traceback. No torch here: this file runs in well under a
+second.
+
+Run: .venv/bin/python -m pytest tests/test_config.py -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from npo.config import (
+    AdvEstimator,
+    AnswerFormat,
+    ArithmeticTaskConfig,
+    ConfigError,
+    ExperimentConfig,
+    LossAgg,
+    MathTaskConfig,
+    apply_overrides,
+    load_config,
+)
+
+DATA = Path(__file__).parent / "data"
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(*overrides: str, path: Path | None = None) -> str:
+    """The message of the ConfigError that loading `path` with `overrides` must raise."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- defaults
+def test_defaults_validate_and_match_the_documented_toy_setup():
+    cfg = load_config()
+    assert cfg == ExperimentConfig()
+    assert isinstance(cfg.task, ArithmeticTaskConfig)
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size) == (16, 8)
+    assert cfg.rollout.max_new_tokens == 8
+    assert cfg.model.source == "tiny"
+    assert cfg.algo.adv_estimator is AdvEstimator.grpo
+    # The defaults survive a dump/validate round trip (what show-config prints is loadable).
+    assert ExperimentConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_empty_yaml_file_means_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == ExperimentConfig()
+    assert load_config(write(tmp_path, "# only a comment\n")) == ExperimentConfig()
+
+
+# --------------------------------------------------------------------------- YAML
+def test_yaml_file_sets_nested_fields_and_keeps_other_defaults(tmp_path):
+    path = write(
+        tmp_path,
+        """
+name: my-run
+seed: 3
+task: {kind: arithmetic, digits: 2, operation: mul, answer_format: plain}
+model: {tiny: {hidden_size: 64, num_heads: 8}}
+algo: {lr: 0.0005, clip_high: 0.3}
+tracking: {enabled: false}
+""",
+    )
+    cfg = load_config(path)
+    assert cfg.name == "my-run"
+    assert cfg.seed == 3
+    assert cfg.task.digits == 2
+    assert cfg.task.operation == "mul"
+    assert cfg.task.answer_format is AnswerFormat.plain
+    assert (cfg.model.tiny.hidden_size, cfg.model.tiny.num_heads) == (64, 8)
+    assert cfg.model.tiny.num_layers == 4  # untouched sibling keeps its default
+    assert cfg.algo.lr == pytest.approx(5e-4)
+    assert cfg.algo.clip_high == pytest.approx(0.3)
+    assert cfg.algo.clip_low == pytest.approx(0.2)
+    assert cfg.tracking.enabled is False
+
+
+def test_overrides_apply_on_top_of_the_yaml(tmp_path):
+    path = write(tmp_path, "algo: {lr: 0.01}\ntrain: {steps: 10}\n")
+    cfg = load_config(path, ["algo.lr=0.02"])
+    assert cfg.algo.lr == pytest.approx(0.02)
+    assert cfg.train.steps == 10
+
+
+# --------------------------------------------------------------------------- overrides
+@pytest.mark.parametrize(
+    ("override", "get", "expected"),
+    [
+        ("train.steps=50", lambda c: c.train.steps, 50),
+        ("algo.lr=3e-4", lambda c: c.algo.lr, 3e-4),
+        ("algo.lr=0.5", lambda c: c.algo.lr, 0.5),
+        ("algo.clip_high=1", lambda c: c.algo.clip_high, 1.0),
+        ("tracking.enabled=false", lambda c: c.tracking.enabled, False),
+        ("tracking.enabled=true", lambda c: c.tracking.enabled, True),
+        ("warmup.target_accuracy=null", lambda c: c.warmup.target_accuracy, None),
+        ("warmup.target_accuracy=0.9", lambda c: c.warmup.target_accuracy, 0.9),
+        ("name=run-2", lambda c: c.name, "run-2"),
+        ("tracking.experiment=a b", lambda c: c.tracking.experiment, "a b"),
+        ("model.tiny.hidden_size=64", lambda c: c.model.tiny.hidden_size, 64),
+        (
+            "algo.loss_agg=seq-mean-token-mean",
+            lambda c: c.algo.loss_agg,
+            LossAgg.seq_mean_token_mean,
+        ),
+        ('tracking.experiment="a: b"', lambda c: c.tracking.experiment, "a: b"),
+        ("tracking.experiment='123'", lambda c: c.tracking.experiment, "123"),
+        ("store.root=/tmp/elsewhere", lambda c: c.store.root, Path("/tmp/elsewhere")),
+        ("store.metadata_url=sqlite:///x.db", lambda c: c.store.metadata_url, "sqlite:///x.db"),
+    ],
+)
+def test_set_override_parses_yaml_scalars(override, get, expected):
+    value = get(load_config(None, [override]))
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_apply_overrides_builds_missing_sections_and_types_values():
+    data = apply_overrides({"algo": {"lr": 1.0}}, ["algo.lr=2", "model.tiny.num_layers=3", "x=y"])
+    assert data == {"algo": {"lr": 2}, "model": {"tiny": {"num_layers": 3}}, "x": "y"}
+    # The value may itself contain '=' (only the first one splits key from value).
+    assert apply_overrides({}, ["name=a=b"]) == {"name": "a=b"}
+
+
+def test_later_override_wins():
+    cfg = load_config(None, ["algo.lr=0.1", "algo.lr=0.2"])
+    assert cfg.algo.lr == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("override", ["algo", "algo.lr", ""])
+def test_override_without_equals_sign_is_rejected(override):
+    msg = config_error(override)
+    assert "expected key.path=value" in msg
+    assert repr(override) in msg
+
+
+def test_override_with_empty_key_is_rejected():
+    assert "empty key" in config_error("=3")
+
+
+def test_override_through_a_scalar_is_rejected():
+    msg = config_error("algo.lr=0.1", "algo.lr.x=3")
+    assert "lr is not a section" in msg
+
+
+# --------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        (["lrr=1"], "lrr", "unknown key"),
+        (["algo.lrr=1e-3"], "algo.lrr", "unknown key"),
+        (["model.tiny.width=3"], "model.tiny.width", "unknown key"),
+        (["rollout.group_size=abc"], "rollout.group_size", "integer"),
+        (["algo.lr=fast"], "algo.lr", "number"),
+        (["tracking.enabled=maybe"], "tracking.enabled", "boolean"),
+        (["rollout.group_size=1"], "rollout.group_size", "greater than or equal to 2"),
+        (["algo.clip_low=1.5"], "algo.clip_low", "less than 1"),
+        (["algo.lr=-1e-3"], "algo.lr", "greater than 0"),
+        (["algo.lr=0"], "algo.lr", "greater than 0"),
+        (["rollout.temperature=0"], "rollout.temperature", "greater than 0"),
+        (["warmup.target_accuracy=1.5"], "warmup.target_accuracy", "less than or equal to 1"),
+        (["task.kind=arithmetic", "task.digits=0"], "task.arithmetic.digits", "greater than or"),
+        (["task.kind=arithmetic", "task.operation=div"], "task.arithmetic.operation", "'add'"),
+        (["algo.adv_estimator=ppo"], "algo.adv_estimator", "grpo"),
+        (["name=bad name!"], "name", "pattern"),
+        (["method=npo"], "method", "grpo"),
+        (
+            ["model.tiny.hidden_size=30", "model.tiny.num_heads=4"],
+            "model.tiny",
+            "hidden_size (30) must be divisible by num_heads (4)",
+        ),
+        (["algo.minibatches=3"], "algo.minibatches (3) must divide the rollout batch", "128"),
+    ],
+)
+def test_bad_value_names_the_field(overrides, field, words):
+    msg = config_error(*overrides)
+    assert msg.startswith("invalid config (<defaults>):")
+    assert field in msg
+    assert words in msg
+
+
+def test_minibatches_must_divide_prompts_times_group():
+    # 4 prompts x 3 responses = 12: 4 and 6 divide it, 8 does not.
+    base = ["rollout.prompts_per_step=4", "rollout.group_size=3"]
+    assert load_config(None, [*base, "algo.minibatches=4"]).algo.minibatches == 4
+    assert load_config(None, [*base, "algo.minibatches=6"]).algo.minibatches == 6
+    assert "= 12" in config_error(*base, "algo.minibatches=8")
+
+
+def test_every_error_is_reported_at_once():
+    msg = config_error("algo.lrr=1", "rollout.group_size=1", "train.steps=-1")
+    for field in ("algo.lrr", "rollout.group_size", "train.steps"):
+        assert field in msg
+
+
+def test_unknown_key_in_yaml_names_the_file_and_field(tmp_path):
+    path = write(tmp_path, "algo:\n  lr: 0.001\n  lrr: 0.002\n")
+    msg = config_error(path=path)
+    assert str(path) in msg
+    assert "algo.lrr: unknown key" in msg
+
+
+def test_wrong_type_in_yaml_names_the_field(tmp_path):
+    msg = config_error(path=write(tmp_path, "rollout:\n  group_size: abc\n"))
+    assert "rollout.group_size" in msg
+
+
+def test_section_given_as_scalar_is_rejected(tmp_path):
+    msg = config_error(path=write(tmp_path, "algo: 3\n"))
+    assert "algo" in msg
+
+
+# --------------------------------------------------------------------------- bad files
+def test_bad_yaml_syntax_names_the_file(tmp_path):
+    path = write(tmp_path, "algo: {lr: 0.1\ntrain: [\n")
+    msg = config_error(path=path)
+    assert str(path) in msg
+    assert "not valid YAML" in msg
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("42\n", "int")])
+def test_top_level_must_be_a_mapping(tmp_path, text, kind):
+    path = write(tmp_path, text)
+    msg = config_error(path=path)
+    assert str(path) in msg
+    assert f"top level must be a mapping, got {kind}" in msg
+
+
+def test_missing_file_is_named(tmp_path):
+    path = tmp_path / "nope.yaml"
+    msg = config_error(path=path)
+    assert "not found" in msg
+    assert str(path) in msg
+
+
+def test_directory_is_not_a_config_file(tmp_path):
+    assert "not found" in config_error(path=tmp_path)
+
+
+# --------------------------------------------------------------------------- task union
+def test_math_task_requires_both_paths():
+    msg = config_error("task.kind=math")
+    assert "task.math.train_path" in msg
+    assert "task.math.eval_path" in msg
+    assert "Field required" in msg
+
+
+def test_discriminator_picks_the_math_task(tmp_path):
+    train, evals = DATA / "math_train.jsonl", DATA / "math_eval.jsonl"
+    path = write(
+        tmp_path,
+        f"task:\n  kind: math\n  train_path: {train}\n  eval_path: {evals}\n  timeout_s: 2\n",
+    )
+    cfg = load_config(path)
+    assert isinstance(cfg.task, MathTaskConfig)
+    assert cfg.task.train_path == train
+    assert cfg.task.timeout_s == 2.0
+    assert cfg.task.prompt_template == "{prompt}"
+
+
+def test_discriminator_picks_the_arithmetic_task():
+    cfg = load_config(None, ["task.kind=arithmetic", "task.digits=2"])
+    assert isinstance(cfg.task, ArithmeticTaskConfig)
+    assert cfg.task.digits == 2
+
+
+def test_quoted_override_keeps_a_colon_inside_a_string():
+    # Unquoted, "Q: {prompt}" is YAML for a mapping; quoting makes it the string it looks like.
+    overrides = ["task.kind=math", "task.train_path=a", "task.eval_path=b"]
+    cfg = load_config(None, [*overrides, 'task.prompt_template="Q: {prompt}"'])
+    assert cfg.task.prompt_template == "Q: {prompt}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/npo/config.py TaskConfig: the 'kind' discriminator has no default, so a task "
+    "section without kind fails with \"Unable to extract tag using discriminator 'kind'\" "
+    "instead of meaning the default arithmetic task",
+)
+@pytest.mark.parametrize("override", ["task.digits=2", "task.operation=sub"])
+def test_task_section_without_kind_means_arithmetic(override):
+    cfg = load_config(None, [override])
+    assert isinstance(cfg.task, ArithmeticTaskConfig)
+
+
+def test_task_section_without_kind_names_the_task_field():
+    # Holds before and after the fix above: either it loads, or the message names `task`.
+    try:
+        cfg = load_config(None, ["task.digits=2"])
+    except ConfigError as e:
+        assert "task" in str(e)
+        assert "kind" in str(e)
+    else:
+        assert cfg.task.digits == 2
+
+
+def test_keys_of_the_other_task_kind_are_unknown():
+    # digits belongs to the arithmetic task: with kind=math it is an unknown key.
+    msg = config_error("task.kind=math", "task.train_path=a", "task.eval_path=b", "task.digits=2")
+    assert "task.math.digits: unknown key" in msg
+
+
+def test_unknown_task_kind_lists_the_known_ones():
+    msg = config_error("task.kind=chess")
+    assert "task" in msg
+    assert "'arithmetic'" in msg
+    assert "'math'" in msg
+
+
+def test_math_prompt_template_must_contain_placeholder():
+    msg = config_error(
+        "task.kind=math", "task.train_path=a", "task.eval_path=b", "task.prompt_template=Q {x}"
+    )
+    assert "task.math" in msg
+    assert "{prompt}" in msg
+
+
+# --------------------------------------------------------------------------- assignment
+def test_assignment_is_validated_too():
+    cfg = ExperimentConfig()
+    with pytest.raises(ValueError, match="group_size"):
+        cfg.rollout.group_size = 1

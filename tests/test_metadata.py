@@ -1,0 +1,117 @@
+"""Metadata DB: Alembic migrations match the models; writes are idempotent."""
+
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from npo.store.metadata import Base, MetadataDB, RunStatus, default_metadata_url
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    db = MetadataDB(default_metadata_url(tmp_path / "nested" / "root"))
+    db.migrate()
+    yield db
+    db.close()
+
+
+def test_default_url_and_parent_dirs(tmp_path: Path) -> None:
+    url = default_metadata_url(tmp_path / "a" / "b")
+    assert url == f"sqlite:///{tmp_path}/a/b/npo.db"
+    with MetadataDB(url) as db:
+        db.migrate()
+    assert (tmp_path / "a" / "b" / "npo.db").is_file()
+    with pytest.raises(ValueError, match="backend 'mysql'"):
+        MetadataDB("mysql://x/y")
+
+
+def test_migrations_match_models_and_are_idempotent(db: MetadataDB) -> None:
+    db.migrate()  # second run is a no-op
+    inspector = sa.inspect(db.engine)
+    assert set(inspector.get_table_names()) == {"alembic_version", "runs", "checkpoints"}
+    for table in Base.metadata.sorted_tables:
+        migrated = {c["name"] for c in inspector.get_columns(table.name)}
+        assert migrated == set(table.columns.keys()), table.name
+    uniques = inspector.get_unique_constraints("checkpoints")
+    assert [u["column_names"] for u in uniques] == [["run_id", "step"]]
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        # Alembic's own autogenerate diff: types, nullability, keys, FKs, indexes.
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(ctx, Base.metadata) == []
+
+
+def test_sqlite_pragmas(db: MetadataDB) -> None:
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_upsert_run_twice_keeps_one_row(db: MetadataDB) -> None:
+    db.upsert_run("r1", "toy", "grpo", 0, {"lr": 1e-5})
+    first = db.get_run("r1")
+    db.set_run_status("r1", "running")
+    db.upsert_run("r1", "toy-renamed", "npo", 1, {"lr": 2e-5, "nested": {"k": [1, 2]}})
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM runs")).scalar() == 1
+    run = db.get_run("r1")
+    assert (run.name, run.method, run.seed) == ("toy-renamed", "npo", 1)
+    assert run.config == {"lr": 2e-5, "nested": {"k": [1, 2]}}
+    assert run.status == "running"  # re-upserting a resumed run does not reset its status
+    assert run.created_at == first.created_at
+    assert run.updated_at > first.updated_at
+    assert run.created_at.tzinfo is UTC
+    assert db.get_run("missing") is None
+
+
+def test_status_changes(db: MetadataDB) -> None:
+    db.upsert_run("r1", "toy", "grpo", 0, {})
+    assert db.get_run("r1").status == RunStatus.CREATED
+    for status in ["running", RunStatus.FAILED, "completed"]:
+        db.set_run_status("r1", status)
+        assert db.get_run("r1").status == status
+    with pytest.raises(ValueError, match="'paused' is not one of"):
+        db.set_run_status("r1", "paused")
+    with pytest.raises(KeyError, match="nope"):
+        db.set_run_status("nope", "running")
+    with db.engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):  # DB enforces too
+        conn.execute(sa.text("UPDATE runs SET status = 'paused'"))
+
+
+def test_record_checkpoint_idempotent_and_ordered(db: MetadataDB) -> None:
+    db.upsert_run("r1", "toy", "grpo", 0, {})
+    db.upsert_run("r2", "toy", "grpo", 1, {})
+    for step in [30, 10, 20]:
+        db.record_checkpoint("r1", step, f"file:///s/r1/{step}", "a" * 64)
+    db.record_checkpoint("r2", 10, "file:///s/r2/10", "c" * 64)
+    db.record_checkpoint("r1", 20, "file:///s/r1/20-retry", "b" * 64, {"reward/mean": 0.75})
+
+    rows = db.checkpoints("r1")
+    assert [r.step for r in rows] == [10, 20, 30]
+    assert rows[1].uri == "file:///s/r1/20-retry"
+    assert rows[1].manifest_sha256 == "b" * 64
+    assert rows[1].metrics == {"reward/mean": 0.75}
+    assert rows[0].metrics is None
+    assert rows[0].created_at.tzinfo is UTC
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM checkpoints")).scalar() == 4
+    assert [r.uri for r in db.checkpoints("r2")] == ["file:///s/r2/10"]
+    assert db.checkpoints("none") == []
+    with pytest.raises(KeyError, match="no run 'ghost'"):
+        db.record_checkpoint("ghost", 1, "u", "d" * 64)
+
+
+def test_data_survives_reopen(tmp_path: Path) -> None:
+    url = default_metadata_url(tmp_path)
+    with MetadataDB(url) as db:
+        db.migrate()
+        db.upsert_run("r1", "toy", "grpo", 0, {"a": 1})
+        db.record_checkpoint("r1", 5, "u", "e" * 64)
+    with MetadataDB(url) as db:
+        db.migrate()
+        assert db.get_run("r1").config == {"a": 1}
+        assert [r.step for r in db.checkpoints("r1")] == [5]
