@@ -115,6 +115,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- rollout
     def rollout() -> RolloutBatch:
+        torch.manual_seed(args.seed)  # same draws every call, so every call does equal work
         return sample(model, tokenizer, prompts, r.group_size, r.temperature, r.max_new_tokens)
 
     sec, batch = timed(rollout, args.repeats)

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     "task": {"kind": "arithmetic", "digits": 2, "n_train": 512, "n_eval": 32},
-    "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+    "model": {
+        "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+    },
     "warmup": {"steps": 10, "batch_size": 16, "lr": 3e-3},
     "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 5},
     "train": {"eval_every": 3, "checkpoint_every": 3, "threads": 1},

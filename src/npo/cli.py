@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from npo.config import ConfigError, ExperimentConfig, load_config
 
@@ -47,12 +48,17 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _fail(message: object) -> NoReturn:
+    """Report bad input (exit code 2). Text, not markup: messages may hold [brackets]."""
+    err_console.print(Text("error: ", style="bold red") + Text(str(message)))
+    raise typer.Exit(2)
+
+
 def _load(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(e)
 
 
 def _summary_table(summary: dict) -> Table:
@@ -76,6 +82,7 @@ def run(
     from npo.experiment import run_experiment
     from npo.progress import RichProgress
     from npo.steps.context import RunConflict
+    from npo.tasks import TaskError
 
     console.print(f"[bold]npo run[/bold] {cfg.name}: method={cfg.method} task={cfg.task.kind}")
     try:
@@ -84,9 +91,8 @@ def run(
         else:
             with RichProgress(console) as progress:
                 summary = run_experiment(cfg, fresh=fresh, progress=progress)
-    except RunConflict as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    except (RunConflict, TaskError) as e:
+        _fail(e)
     console.print(_summary_table(summary))
     console.print(f"report: {summary['report']}")
 
@@ -105,23 +111,26 @@ def eval_(
 ) -> None:
     """Greedy pass@1 of a checkpoint on the task's held-out problems."""
     from npo.steps.checkpoint_eval import find_run_config, resolve_policy_dir
+    from npo.store.checkpoint import CheckpointError
 
     try:
         policy_dir = resolve_policy_dir(checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        _fail(e)
     cfg = _load(config or find_run_config(checkpoint), set_)
     _quiet_libraries()
     import torch
 
     from npo.policy import load_policy
     from npo.steps.evaluate import evaluate_policy
-    from npo.tasks import make_task
+    from npo.tasks import TaskError, make_task
 
     torch.set_num_threads(cfg.train.threads)
+    try:
+        task = make_task(cfg.task)
+    except TaskError as e:
+        _fail(e)
     model, tokenizer = load_policy(policy_dir, cfg.model.dtype)
-    task = make_task(cfg.task)
     problems = task.eval_problems()[:limit]
     result = evaluate_policy(model, tokenizer, task, problems, cfg.rollout.max_new_tokens)
     console.print(_summary_table({"checkpoint": str(checkpoint), **result}))
@@ -131,7 +140,8 @@ def eval_(
 def show_config(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """Print the validated config (defaults filled in) as YAML."""
     cfg = _load(config, set_)
-    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
+    # Plain echo: rich would hard-wrap long values and break the YAML when piped to a file.
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":

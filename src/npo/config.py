@@ -195,6 +195,14 @@ class ExperimentConfig(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_task_kind(cls, data: Any) -> Any:
+        # A task section without `kind` means the default (arithmetic) task.
+        if isinstance(data, dict) and isinstance(data.get("task"), dict):
+            data = {**data, "task": {"kind": "arithmetic", **data["task"]}}
+        return data
+
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
         batch = self.rollout.prompts_per_step * self.rollout.group_size
@@ -247,7 +255,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """Read YAML at `path` (embedded defaults when None), apply overrides, validate."""
     source = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}

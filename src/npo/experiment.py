@@ -35,6 +35,7 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
     return {
         "run": ctx.run_id,
         "policy steps": max((r["policy_step"] for r in rows), default=0),
+        "warm-up steps": int(rows[0].get("warmup/steps", 0)) if rows else 0,
         "warm-up accuracy": start,
         "final accuracy": final,
         "best accuracy": max((a for _, a in evals), default=float("nan")),
@@ -79,4 +80,3 @@ def run_experiment(
         if status != "FINISHED":
             ctx.db.set_run_status(ctx.run_id, "failed")
         ctx.close(status)
-

@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -50,14 +51,14 @@ def build_tiny_model(
 
 
 def _plain_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    # Sampling must draw from the full tempered distribution: no top-k / top-p truncation,
-    # otherwise the behaviour log-probs we record would not be the ones we sampled from.
-    gc = model.generation_config
-    gc.top_k = None
-    gc.top_p = None
-    gc.pad_token_id = tokenizer.pad_token_id
-    gc.eos_token_id = tokenizer.eos_token_id
-    gc.bos_token_id = tokenizer.bos_token_id
+    # Sampling must draw from the plain tempered distribution: a checkpoint's own sampling
+    # knobs (top-k/p, min-p, repetition penalty, suppressed tokens...) would make the
+    # behaviour log-probs we record differ from the distribution we sampled from.
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
 
 
 def init_policy(

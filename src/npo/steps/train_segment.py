@@ -56,9 +56,7 @@ def train_segment(ctx: RunContext, start_step: int, end_step: int) -> dict[str, 
     step = _resume_point(ctx, start_step, end_step)
     loaded = load_train_state(ctx.store, ctx.run_id, step, cfg.model.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=algo.lr, weight_decay=algo.weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr, weight_decay=algo.weight_decay)
     if loaded.optimizer_state is not None:
         optimizer.load_state_dict(loaded.optimizer_state)
     if loaded.rng is not None:

@@ -13,10 +13,10 @@ from npo.policy import init_policy
 from npo.steps.context import RunContext
 from npo.steps.evaluate import evaluate_policy
 from npo.store.checkpoint import list_checkpoints
+from npo.training.history import record_checkpoint, record_metrics, truncate_history
 from npo.training.seeding import batch_indices, derive_seed, seed_everything
 from npo.training.sft import sft_step
 from npo.training.state import save_train_state
-from npo.training.history import record_checkpoint, record_metrics
 
 
 def warmup(ctx: RunContext) -> dict[str, float]:
@@ -24,32 +24,34 @@ def warmup(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.cfg
     if 0 in list_checkpoints(ctx.store, ctx.run_id):
         return {}
+    truncate_history(ctx, -1)  # rows of an attempt that died before checkpoint 0
     seed_everything(derive_seed(cfg.seed, 0, stream=2))
     model, tokenizer = init_policy(cfg.model, ctx.task.alphabet(), cfg.seed)
     train = ctx.task.train_problems()
     evals = ctx.task.eval_problems()[: cfg.train.eval_size]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.lr, weight_decay=0.0)
     started = time.perf_counter()
+    target = cfg.warmup.target_accuracy
     done = 0
-    for step in range(cfg.warmup.steps):
-        idx = batch_indices(len(train), cfg.warmup.batch_size, step, derive_seed(cfg.seed, 0, 3))
+    while done < cfg.warmup.steps:
+        idx = batch_indices(len(train), cfg.warmup.batch_size, done, derive_seed(cfg.seed, 0, 3))
         metrics = sft_step(model, opt, tokenizer, [train[i] for i in idx], cfg.algo.max_grad_norm)
-        done = step + 1
+        done += 1
+        reached = False
         if done % cfg.warmup.check_every == 0 or done == cfg.warmup.steps:
-            if cfg.warmup.target_accuracy is not None:
+            if target is not None:
                 acc = evaluate_policy(
                     model, tokenizer, ctx.task, evals, cfg.rollout.max_new_tokens
                 )["eval/accuracy"]
                 metrics["sft/eval_accuracy"] = acc
-                if acc >= cfg.warmup.target_accuracy:
-                    ctx.tracker.log_metrics(metrics, step=done)
-                    ctx.progress("warm-up", cfg.warmup.steps, cfg.warmup.steps, metrics)
-                    break
+                reached = acc >= target
             ctx.tracker.log_metrics(metrics, step=done)
-        ctx.progress("warm-up", done, cfg.warmup.steps, metrics)
+        ctx.progress("warm-up", cfg.warmup.steps if reached else done, cfg.warmup.steps, metrics)
+        if reached:
+            break
     result = evaluate_policy(model, tokenizer, ctx.task, evals, cfg.rollout.max_new_tokens)
     result["warmup/steps"] = float(done)
-    result["warmup/seconds"] = time.perf_counter() - started
+    result["perf/warmup_seconds"] = time.perf_counter() - started
     state = {
         "policy_step": 0,
         "global_step": 0,
@@ -57,7 +59,7 @@ def warmup(ctx: RunContext) -> dict[str, float]:
         "warmup_accuracy": result["eval/accuracy"],
     }
     # Step 0 row of the history: the RL phase's starting accuracy.
-    record_metrics(ctx, {"eval/accuracy": result["eval/accuracy"]}, global_step=0, policy_step=0)
+    record_metrics(ctx, result, global_step=0, policy_step=0)
     manifest = save_train_state(ctx.store, ctx.run_id, 0, model, tokenizer, None, state)
     record_checkpoint(ctx, 0, manifest, result)
     return result

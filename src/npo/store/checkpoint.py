@@ -181,5 +181,7 @@ def verify_local_checkpoint(folder: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder}: unreadable {MANIFEST}: {e}") from None
     for rel, want in sorted(manifest.get("files", {}).items()):
-        _verify_file(manifest.get("step", -1), rel, Path(folder).joinpath(*PurePosixPath(rel).parts), want)
+        _verify_file(
+            manifest.get("step", -1), rel, Path(folder).joinpath(*PurePosixPath(rel).parts), want
+        )
     return manifest

@@ -88,7 +88,9 @@ def ppo_update(
             if algo.entropy_coef > 0:
                 loss = loss - algo.entropy_coef * entropy
             if ref_logprobs is not None:
-                kl = agg_loss(kl_penalty(logp, ref_logprobs[idx], algo.kl_estimator), mask, algo.loss_agg)
+                kl = agg_loss(
+                    kl_penalty(logp, ref_logprobs[idx], algo.kl_estimator), mask, algo.loss_agg
+                )
                 loss = loss + algo.kl_coef * kl
                 metrics["actor/kl_ref"] = kl.item()
             optimizer.zero_grad(set_to_none=True)
