@@ -41,7 +41,7 @@ bench: install
 lock:
 	rm -rf /tmp/npo-lock-venv && $(PYTHON) -m venv /tmp/npo-lock-venv
 	/tmp/npo-lock-venv/bin/pip install -qq torch==2.13.0 -e ".[cluster,dev]"
-	/tmp/npo-lock-venv/bin/pip freeze --exclude-editable | sed 's/^torch==.*/torch==2.13.0/' > requirements.lock
+	/tmp/npo-lock-venv/bin/pip freeze --exclude-editable --all | grep -v "^pip==" | sed 's/^torch==.*/torch==2.13.0/' > requirements.lock
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
