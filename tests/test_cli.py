@@ -105,25 +105,26 @@ def test_run_with_missing_config_file(runner, workdir):
     assert list(workdir.iterdir()) == []
 
 
-def test_run_with_impossible_task_creates_nothing(runner, workdir):
-    # Valid config, but 1-digit addition has only 100 distinct problems.
-    path = write_config(workdir, "task: {kind: arithmetic, digits: 1}\n")
+@pytest.mark.parametrize(
+    ("yaml_text", "words"),
+    [
+        # Valid configs whose task cannot be built: bad input too, refused before any folder.
+        ("task: {kind: arithmetic, digits: 1}\n", ["task.n_train + task.n_eval", "100 distinct"]),
+        (
+            "task: {kind: math, train_path: /nope/train.jsonl, eval_path: /nope/eval.jsonl}\n",
+            ["/nope/train.jsonl: file not found"],
+        ),
+    ],
+)
+def test_run_with_impossible_task_exits_2_and_creates_nothing(runner, workdir, yaml_text, words):
+    path = write_config(workdir, yaml_text)
     result = runner.invoke(app, ["run", str(path), "--quiet"])
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
+    for word in words:
+        assert says(result.stderr, word), result.stderr
+    assert "Traceback" not in result.output
     assert not (workdir / "runs").exists()
     assert sorted(p.name for p in workdir.iterdir()) == ["exp.yaml"]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/npo/cli.py run/eval: TaskError (impossible task sizes, missing or malformed "
-    "dataset file) escapes as a traceback with exit 1; catch it next to RunConflict -> exit 2",
-)
-def test_run_with_impossible_task_is_bad_input(runner, workdir):
-    path = write_config(workdir, "task: {kind: arithmetic, digits: 1}\n")
-    result = runner.invoke(app, ["run", str(path), "--quiet"])
-    assert result.exit_code == 2
-    assert says(result.stderr, "task.n_train + task.n_eval")
 
 
 def test_installed_command_exit_code_and_stderr(workdir):
@@ -178,12 +179,6 @@ def test_show_config_with_unknown_key_exits_2(runner):
     assert result.stdout == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/npo/cli.py show_config: rich's console.print hard-wraps lines at the terminal "
-    "width (80 when piped), so `npo show-config > cfg.yaml` splits long values and writes "
-    "invalid YAML; print with typer.echo (or soft_wrap=True, markup=False)",
-)
 def test_piped_show_config_round_trips_long_values(tmp_path):
     root = tmp_path / ("a_long_folder_name_" * 8) / "runs"  # > 150 characters
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
@@ -196,6 +191,13 @@ def test_piped_show_config_round_trips_long_values(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["store"]["root"] == str(root)
+
+
+def test_show_config_prints_brackets_verbatim(runner):
+    # Values are data, not rich markup: "[bold]" must survive.
+    result = runner.invoke(app, ["show-config", "--set", "tracking.experiment=a[bold]b"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["tracking"]["experiment"] == "a[bold]b"
 
 
 # --------------------------------------------------------------------------- npo eval
@@ -255,6 +257,15 @@ def test_eval_finds_the_run_config_and_checkpoint_policy(runner, tiny_policy, tm
     assert result.exit_code == 0, result.output
     assert float(table_value(result.stdout, "eval/n")) == 5  # n_eval from the run's config
     assert 1 <= float(table_value(result.stdout, "eval/response_length")) <= 3
+
+
+def test_eval_with_impossible_task_exits_2(runner, saved_policy, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: {kind: arithmetic, digits: 1}\n")
+    result = runner.invoke(app, ["eval", str(saved_policy), "--config", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert says(result.stderr, "task.n_train + task.n_eval")
+    assert "Traceback" not in result.output
 
 
 def test_eval_with_bad_config_option_exits_2(runner, saved_policy, tmp_path):

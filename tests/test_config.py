@@ -281,27 +281,17 @@ def test_quoted_override_keeps_a_colon_inside_a_string():
     assert cfg.task.prompt_template == "Q: {prompt}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/npo/config.py TaskConfig: the 'kind' discriminator has no default, so a task "
-    "section without kind fails with \"Unable to extract tag using discriminator 'kind'\" "
-    "instead of meaning the default arithmetic task",
-)
 @pytest.mark.parametrize("override", ["task.digits=2", "task.operation=sub"])
 def test_task_section_without_kind_means_arithmetic(override):
     cfg = load_config(None, [override])
     assert isinstance(cfg.task, ArithmeticTaskConfig)
+    assert cfg.task.digits == (2 if override == "task.digits=2" else 3)
 
 
-def test_task_section_without_kind_names_the_task_field():
-    # Holds before and after the fix above: either it loads, or the message names `task`.
-    try:
-        cfg = load_config(None, ["task.digits=2"])
-    except ConfigError as e:
-        assert "task" in str(e)
-        assert "kind" in str(e)
-    else:
-        assert cfg.task.digits == 2
+def test_yaml_task_section_without_kind_means_arithmetic(tmp_path):
+    cfg = load_config(write(tmp_path, "task: {digits: 4, n_eval: 10}\n"))
+    assert isinstance(cfg.task, ArithmeticTaskConfig)
+    assert (cfg.task.digits, cfg.task.n_eval) == (4, 10)
 
 
 def test_keys_of_the_other_task_kind_are_unknown():

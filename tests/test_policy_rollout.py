@@ -345,13 +345,6 @@ def test_chunked_sampling_keeps_grouping_and_logprobs(tiny_policy, temperature):
     assert_close(batch.logprobs, sequence_logprobs(model, batch, temperature), atol=1e-4, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/npo/policy/model.py _plain_generation_config resets only top_k/top_p: a "
-    "checkpoint's generation_config.json min_p / repetition_penalty / typical_p / "
-    "suppress_tokens still shape sampling, but sample() records log-probs of the raw "
-    "tempered logits; set model.generation_config = GenerationConfig(<special ids only>)",
-)
 def test_checkpoint_sampling_knobs_do_not_change_what_is_sampled(tiny_policy, tmp_path):
     """Real HF checkpoints ship sampling defaults; sample() must draw from softmax(z / T)."""
     model, tok = tiny_policy

@@ -183,7 +183,12 @@ class TrackingConfig(_Strict):
 
 # --------------------------------------------------------------------------- root
 class ExperimentConfig(_Strict):
-    name: str = Field("toy-grpo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name.")
+    name: str = Field(
+        "toy-grpo",
+        coerce_numbers_to_str=True,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Run name.",
+    )
     seed: int = Field(0, description="Seed of model init, sampling and data order.")
     method: Literal["grpo"] = Field("grpo", description="Training method.")
     task: TaskConfig = Field(default_factory=ArithmeticTaskConfig)

@@ -35,9 +35,22 @@ class RolloutBatch:
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())
 
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The same batch with its tensors on `device`."""
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids.to(device),
+            prompt_mask=self.prompt_mask.to(device),
+            response_ids=self.response_ids.to(device),
+            response_mask=self.response_mask.to(device),
+            logprobs=self.logprobs.to(device),
+            texts=self.texts,
+            prompt_index=self.prompt_index.to(device),
+        )
+
     def select(self, idx: torch.Tensor) -> RolloutBatch:
         """Rows `idx` [K] of the batch (for minibatching)."""
         rows = idx.tolist()
+        idx = idx.to(self.response_ids.device)
         return RolloutBatch(
             prompt_ids=self.prompt_ids[idx],
             prompt_mask=self.prompt_mask[idx],

@@ -27,17 +27,17 @@ from npo.training.seeding import batch_indices, derive_seed, seed_everything, se
 from npo.training.state import load_train_state, save_train_state
 
 
-def rollout_metrics(rewards: torch.Tensor, batch: RolloutBatch) -> dict[str, float]:
+def rollout_metrics(rewards: torch.Tensor, batch: RolloutBatch, eos_id: int) -> dict[str, float]:
     """Reward and response statistics of one step. rewards [N, G]."""
     lengths = batch.response_mask.sum(dim=1).float()
-    eos_id_seen = batch.response_mask.sum(dim=1) < batch.response_ids.shape[1]
+    ended = ((batch.response_ids == eos_id) & batch.response_mask.bool()).any(dim=1)
     return {
         "reward/mean": float(rewards.mean()),
         "reward/pass_at_g": float((rewards.max(dim=1).values > 0).float().mean()),
         "reward/all_correct_frac": float((rewards.min(dim=1).values > 0).float().mean()),
         "reward/zero_var_frac": zero_variance_fraction(rewards),
         "response/length_mean": float(lengths.mean()),
-        "response/truncated_frac": 1.0 - float(eos_id_seen.float().mean()),
+        "response/truncated_frac": 1.0 - float(ended.float().mean()),
     }
 
 
@@ -99,7 +99,7 @@ def train_segment(ctx: RunContext, start_step: int, end_step: int) -> dict[str, 
         metrics = ppo_update(model, optimizer, batch, advantages, algo, ro.temperature, ref_model)
         t_train = time.perf_counter() - t1
         tokens = batch.num_response_tokens + int(batch.prompt_mask.sum())
-        metrics |= rollout_metrics(rewards, batch)
+        metrics |= rollout_metrics(rewards, batch, tokenizer.eos_token_id)
         metrics |= {
             "actor/lr": lr,
             "perf/step_time_s": time.perf_counter() - t0,

@@ -19,8 +19,9 @@ def response_logits(
     (right-padded) -> logits [B, R, V] where logits[:, j] predicts response_ids[:, j].
     Position ids follow the attention mask so left padding does not shift positions.
     """
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    device = model.device
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).to(device)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(
         input_ids=input_ids,

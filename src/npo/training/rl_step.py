@@ -30,6 +30,7 @@ def sequence_logprobs(
     model: PreTrainedModel, batch: RolloutBatch, temperature: float, chunk: int = 256
 ) -> torch.Tensor:
     """Per-token log-probs [B, R] of the batch's responses under `model` (no grad)."""
+    batch = batch.to(model.device)
     out = []
     for i in range(0, len(batch), chunk):
         part = batch.select(torch.arange(i, min(i + chunk, len(batch))))
@@ -55,20 +56,23 @@ def ppo_update(
     first minibatch step starts at ratio 1. Returns metrics averaged over all updates.
     """
     was_training = model.training
+    batch = batch.to(model.device)
+    advantages = advantages.to(model.device)
     if old_logprobs is None:
         old_logprobs = sequence_logprobs(model, batch, temperature)
+    old_logprobs = old_logprobs.to(model.device)
     ref_logprobs = None
     if algo.kl_coef > 0:
         if ref_model is None:
             raise ValueError("algo.kl_coef > 0 needs a reference model")
-        ref_logprobs = sequence_logprobs(ref_model, batch, temperature)
+        ref_logprobs = sequence_logprobs(ref_model, batch, temperature).to(model.device)
 
     model.train()
     sums: dict[str, float] = defaultdict(float)
     updates = 0
     size = len(batch) // algo.minibatches
     for _ in range(algo.ppo_epochs):
-        order = torch.randperm(len(batch), generator=generator)
+        order = torch.randperm(len(batch), generator=generator).to(model.device)
         for start in range(0, len(batch), size):
             idx = order[start : start + size]
             mb = batch.select(idx)

@@ -50,7 +50,7 @@ def sft_step(
     max_grad_norm: float = 1.0,
 ) -> dict[str, float]:
     """One cross-entropy step on the gold responses of `problems`; returns metrics."""
-    batch = encode_targets(tokenizer, problems)
+    batch = {k: v.to(model.device) for k, v in encode_targets(tokenizer, problems).items()}
     model.train()
     logits = response_logits(model, **batch)
     mask = batch["response_mask"].float()
