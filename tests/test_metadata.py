@@ -1,4 +1,8 @@
-"""Metadata DB: Alembic migrations match the models; writes are idempotent."""
+"""Metadata DB: Alembic migrations match the models; writes are idempotent.
+
+Tests taking `db` or `db_url` run on SQLite and on a real PostgreSQL (conftest's db_url);
+PostgreSQL-only faults (restart, unreachable server, concurrency) are in test_metadata_pg.py.
+"""
 
 from datetime import UTC
 from pathlib import Path
@@ -12,8 +16,8 @@ from npo.store.metadata import Base, MetadataDB, RunStatus, default_metadata_url
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    db = MetadataDB(default_metadata_url(tmp_path / "nested" / "root"))
+def db(db_url: str):
+    db = MetadataDB(db_url)
     db.migrate()
     yield db
     db.close()
@@ -45,8 +49,8 @@ def test_migrations_match_models_and_are_idempotent(db: MetadataDB) -> None:
         assert compare_metadata(ctx, Base.metadata) == []
 
 
-def test_sqlite_pragmas(db: MetadataDB) -> None:
-    with db.engine.connect() as conn:
+def test_sqlite_pragmas(tmp_path: Path) -> None:
+    with MetadataDB(default_metadata_url(tmp_path)) as db, db.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
@@ -105,13 +109,12 @@ def test_record_checkpoint_idempotent_and_ordered(db: MetadataDB) -> None:
         db.record_checkpoint("ghost", 1, "u", "d" * 64)
 
 
-def test_data_survives_reopen(tmp_path: Path) -> None:
-    url = default_metadata_url(tmp_path)
-    with MetadataDB(url) as db:
+def test_data_survives_reopen(db_url: str) -> None:
+    with MetadataDB(db_url) as db:
         db.migrate()
         db.upsert_run("r1", "toy", "grpo", 0, {"a": 1})
         db.record_checkpoint("r1", 5, "u", "e" * 64)
-    with MetadataDB(url) as db:
+    with MetadataDB(db_url) as db:
         db.migrate()
         assert db.get_run("r1").config == {"a": 1}
         assert [r.step for r in db.checkpoints("r1")] == [5]

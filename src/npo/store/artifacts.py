@@ -6,7 +6,7 @@ checkpoint layout and its commit protocol). ``open_store(uri)`` picks the backen
 URI scheme through a small registry:
 
 - ``file:///abs/path`` or a plain path -> ``LocalStore`` (the laptop/CI default);
-- ``s3://bucket/prefix`` -> not wired yet (arrives with the storage issue, via the minio SDK).
+- ``s3://bucket/prefix`` -> ``npo.store.s3.S3Store`` (minio SDK; settings from the env).
 
 Every object write is atomic per object: bytes go to a temporary file in the destination
 directory, are fsynced, then ``os.replace``d onto the final name, so a crash mid-write never
@@ -180,7 +180,14 @@ def _open_file(uri: str) -> ArtifactStore:
 
 
 def _open_s3(uri: str) -> ArtifactStore:
-    raise NotImplementedError("s3:// stores arrive with the storage issue")
+    # Imported here so that minio (the `cluster` extra) stays optional for local runs.
+    try:
+        from npo.store.s3 import S3Store
+    except ModuleNotFoundError as e:
+        raise ImportError(
+            f"{uri!r} needs the minio SDK ({e.name} is missing): pip install 'npo[cluster]'"
+        ) from e
+    return S3Store(uri)  # endpoint and credentials from the environment (S3Settings.from_env)
 
 
 register_scheme("file", _open_file)

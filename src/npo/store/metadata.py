@@ -17,16 +17,25 @@ runs ``alembic upgrade head`` programmatically, so it works from an installed pa
     db.upsert_run("run-1", "toy-grpo", "grpo", 0, {"lr": 1e-5})
     db.record_checkpoint("run-1", 25, "file:///.../runs/run-1/ckpt/000025", sha)
 
+PostgreSQL in a cluster restarts and drops connections: the engine pings pooled connections
+before use (``pool_pre_ping``), connects with a timeout, and every method retries a bounded
+number of times with exponential backoff on transient errors (connection lost or refused,
+SQLite "database is locked"). Retrying is safe because each call is one transaction and the
+writes are idempotent. When the retries run out, ``MetadataDBUnavailable`` names the URL with
+its password masked; no message, log line or ``repr`` of this module shows the password.
+
 A new migration: ``alembic.command.revision(alembic_config(url), "what", autogenerate=True)``.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -36,6 +45,15 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_S = 30.0  # how long a SQLite writer waits for another process's lock
+MAX_BACKOFF_S = 4.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class MetadataDBUnavailable(ConnectionError):
+    """The metadata DB failed transiently on every try; the message masks the password."""
 
 
 class RunStatus(enum.StrEnum):
@@ -150,18 +168,73 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
 class MetadataDB:
     """Runs and checkpoints in a SQL database; every write is idempotent."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, *, connect_timeout_s: int = 10, retries: int = 4, backoff_s: float = 0.25
+    ) -> None:
+        """Open (lazily) the DB at `url`.
+
+        connect_timeout_s: PostgreSQL only; libpq's ``connect_timeout`` (it rounds up to 2 s)
+            unless the URL sets one. retries/backoff_s: transient failures are retried
+            `retries` times, sleeping backoff_s, 2*backoff_s, ... (capped at MAX_BACKOFF_S).
+        """
         self.url = sa.make_url(url)
+        if self.url.drivername == "postgresql":  # SQLAlchemy would pick psycopg2; we ship psycopg 3
+            self.url = self.url.set(drivername="postgresql+psycopg")
+        self.safe_url = self.url.render_as_string(hide_password=True)
+        self.retries, self.backoff_s = retries, backoff_s
         backend = self.url.get_backend_name()
         if backend not in _INSERTS:
-            raise ValueError(f"metadata URL {url!r}: backend {backend!r} not in {sorted(_INSERTS)}")
-        if backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
-            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(self.url)
+            raise ValueError(
+                f"metadata URL {self.safe_url!r}: backend {backend!r} not in {sorted(_INSERTS)}"
+            )
+        kwargs: dict[str, Any] = {}
+        if backend == "sqlite":
+            if self.url.database not in (None, "", ":memory:"):
+                Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+        else:
+            kwargs["pool_pre_ping"] = True  # a restarted server leaves dead pooled connections
+            if "connect_timeout" not in self.url.query:
+                kwargs["connect_args"] = {"connect_timeout": connect_timeout_s}
+        try:
+            self.engine = sa.create_engine(self.url, **kwargs)
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                f"metadata URL {self.safe_url!r} needs the {e.name!r} driver: "
+                "pip install 'npo[cluster]'"
+            ) from None
         if backend == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_on_connect)
         self._insert = _INSERTS[backend]
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"MetadataDB({self.safe_url!r})"
+
+    def _transient(self, e: sa.exc.OperationalError) -> bool:
+        if self.engine.dialect.name == "sqlite":  # other SQLite OperationalErrors are bugs
+            return "locked" in str(e.orig) or "busy" in str(e.orig)
+        # psycopg's OperationalError: connection refused/lost, admin shutdown, serialization
+        # failure, deadlock: all are worth another try of the whole transaction.
+        return True
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """fn() (one whole transaction), retried on transient errors with backoff."""
+        delay = self.backoff_s
+        for attempt in range(1, self.retries + 2):
+            try:
+                return fn()
+            except sa.exc.OperationalError as e:
+                if not self._transient(e):
+                    raise
+                reason = " ".join(str(e.orig).split())  # libpq never echoes the password
+                if attempt > self.retries:
+                    msg = f"metadata DB {self.safe_url}: {what} failed after {attempt} tries"
+                    raise MetadataDBUnavailable(f"{msg}: {reason}") from e
+                log.warning("metadata DB %s: %s failed (%s); retrying", self.safe_url, what, reason)
+                time.sleep(delay)
+                delay = min(2 * delay, MAX_BACKOFF_S)
+        raise AssertionError("unreachable")
 
     def __enter__(self) -> MetadataDB:
         return self
@@ -173,10 +246,13 @@ class MetadataDB:
         """``alembic upgrade head`` on this DB; a no-op when already current."""
         from alembic import command
 
-        cfg = alembic_config()
-        with self.engine.begin() as conn:
-            cfg.attributes["connection"] = conn  # env.py migrates on this connection
-            command.upgrade(cfg, "head")
+        def upgrade() -> None:
+            cfg = alembic_config()
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn  # env.py migrates on this connection
+                command.upgrade(cfg, "head")
+
+        self._retry("migrate", upgrade)
 
     def upsert_run(
         self, run_id: str, name: str, method: str, seed: int, config: dict[str, Any]
@@ -203,6 +279,9 @@ class MetadataDB:
                 "updated_at": now,
             },
         )
+        self._retry(f"upsert_run({run_id!r})", lambda: self._execute(stmt))
+
+    def _execute(self, stmt: sa.Executable) -> None:
         with self._session.begin() as s:
             s.execute(stmt)
 
@@ -212,15 +291,22 @@ class MetadataDB:
         except ValueError:
             allowed = ", ".join(s.value for s in RunStatus)
             raise ValueError(f"run status {status!r} is not one of: {allowed}") from None
-        with self._session.begin() as s:
-            run = s.get(RunRow, run_id)
-            if run is None:
-                raise KeyError(f"no run {run_id!r} in the metadata DB")
-            run.status = status.value
+
+        def update() -> None:
+            with self._session.begin() as s:
+                run = s.get(RunRow, run_id)
+                if run is None:
+                    raise KeyError(f"no run {run_id!r} in the metadata DB")
+                run.status = status.value
+
+        self._retry(f"set_run_status({run_id!r})", update)
 
     def get_run(self, run_id: str) -> RunRow | None:
-        with self._session() as s:
-            return s.get(RunRow, run_id)
+        def get() -> RunRow | None:
+            with self._session() as s:
+                return s.get(RunRow, run_id)
+
+        return self._retry(f"get_run({run_id!r})", get)
 
     def record_checkpoint(
         self,
@@ -243,17 +329,24 @@ class MetadataDB:
             index_elements=[CheckpointRow.run_id, CheckpointRow.step],
             set_={"uri": uri, "manifest_sha256": manifest_sha256, "metrics": metrics},
         )
-        try:
-            with self._session.begin() as s:
-                s.execute(stmt)
-        except sa.exc.IntegrityError as e:  # the only constraint left is the run FK
-            raise KeyError(f"no run {run_id!r} in the metadata DB (record it first)") from e
+
+        def write() -> None:
+            try:
+                self._execute(stmt)
+            except sa.exc.IntegrityError as e:  # the only constraint left is the run FK
+                raise KeyError(f"no run {run_id!r} in the metadata DB (record it first)") from e
+
+        self._retry(f"record_checkpoint({run_id!r}, {step})", write)
 
     def checkpoints(self, run_id: str) -> list[CheckpointRow]:
         """Checkpoint rows of a run, by ascending step."""
-        with self._session() as s:
-            q = sa.select(CheckpointRow).where(CheckpointRow.run_id == run_id)
-            return list(s.scalars(q.order_by(CheckpointRow.step)))
+        q = sa.select(CheckpointRow).where(CheckpointRow.run_id == run_id)
+
+        def read() -> list[CheckpointRow]:
+            with self._session() as s:
+                return list(s.scalars(q.order_by(CheckpointRow.step)))
+
+        return self._retry(f"checkpoints({run_id!r})", read)
 
     def close(self) -> None:
         self.engine.dispose()
