@@ -132,3 +132,35 @@ def s3_bucket(s3_server) -> str:
     client = Minio(s3_server.netloc, s3_server.access_key, s3_server.secret_key, secure=False)
     client.make_bucket(name)
     return name
+
+
+# --- Real MLflow tracking server (tests/services/mlflowserver.py) on PostgreSQL, per session ---
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(pg_server, tmp_path_factory):
+    """An `mlflow server` on 127.0.0.1 whose backend store is a database on pg_server.
+
+    Artifacts are served by the server from a local dir (MLflow's S3 store needs boto3).
+    Skips only when mlflow cannot be started here; with NPO_REQUIRE_SERVICES=1, that is an
+    error instead of a skip.
+    """
+    import os
+
+    from services.mlflowserver import MlflowServer, mlflow_binary
+
+    if mlflow_binary() is None:
+        if os.environ.get("NPO_REQUIRE_SERVICES") == "1":
+            raise RuntimeError("NPO_REQUIRE_SERVICES=1 but the `mlflow` script is missing")
+        pytest.skip("no `mlflow` script in the venv for the tracking-server tests")
+    backend = pg_server.create_database("mlflow_tracking")
+    server = MlflowServer(backend, tmp_path_factory.mktemp("mlflowserver"))
+    try:
+        server.start()
+    except Exception as e:
+        if os.environ.get("NPO_REQUIRE_SERVICES") == "1":
+            raise
+        pytest.skip(f"mlflow server did not start: {type(e).__name__}: {e}")
+    yield server
+    server.stop()
+    pg_server.drop_database("mlflow_tracking")

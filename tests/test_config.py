@@ -320,3 +320,24 @@ def test_assignment_is_validated_too():
     cfg = ExperimentConfig()
     with pytest.raises(ValueError, match="group_size"):
         cfg.rollout.group_size = 1
+
+
+def test_public_dump_redacts_passwords_in_urls() -> None:
+    from npo.config import public_dump, redact_url
+
+    assert redact_url("postgresql+psycopg://npo:p%40ss@db:5432/x") == (
+        "postgresql+psycopg://npo:***@db:5432/x"
+    )
+    assert redact_url("s3://bucket/prefix") == "s3://bucket/prefix"
+    assert redact_url(None) is None
+    cfg = load_config(
+        None,
+        [
+            "store.metadata_url=postgresql+psycopg://u:hunter2@h/db",
+            "tracking.tracking_uri=http://u:hunter2@mlflow:5000",
+        ],
+    )
+    dumped = repr(public_dump(cfg))
+    assert "hunter2" not in dumped
+    assert "postgresql+psycopg://u:***@h/db" in dumped
+    assert cfg.store.metadata_url == "postgresql+psycopg://u:hunter2@h/db"  # usable as given

@@ -6,7 +6,6 @@ Tiny budgets (a 1-layer model, a few steps) so the whole file runs in well under
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import write_tiny_config
 
 from npo.config import load_config
 from npo.experiment import run_experiment
@@ -26,26 +25,6 @@ from npo.store.metadata import MetadataDB
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "task": {"kind": "arithmetic", "digits": 2, "n_train": 512, "n_eval": 32},
-    "model": {
-        "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
-    },
-    "warmup": {"steps": 10, "batch_size": 16, "lr": 3e-3},
-    "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 5},
-    "train": {"eval_every": 3, "checkpoint_every": 3, "threads": 1},
-}
-
-
-def _write_config(path: Path, root: Path, name: str, steps: int, **extra: object) -> Path:
-    data = json.loads(json.dumps(TINY))
-    data |= {"name": name, "store": {"root": str(root)}}
-    data["train"] = {**data["train"], "steps": steps}
-    for key, value in extra.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    path.write_text(yaml.safe_dump(data))
-    return path
-
 
 def _comparable(rows: list[dict]) -> list[dict]:
     # Timings differ between runs by nature; every other number must match exactly.
@@ -54,7 +33,7 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 def test_short_run_end_to_end(tmp_path: Path) -> None:
     root = tmp_path / "runs"
-    cfg = load_config(_write_config(tmp_path / "c.yaml", root, "e2e", steps=6))
+    cfg = load_config(write_tiny_config(tmp_path / "c.yaml", root, "e2e", steps=6))
     summary = run_experiment(cfg)
 
     run_dir = root / "e2e"
@@ -93,11 +72,11 @@ def test_short_run_end_to_end(tmp_path: Path) -> None:
 def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
     steps = 12
     off = {"tracking": {"enabled": False}}
-    ref_cfg = _write_config(tmp_path / "ref.yaml", tmp_path / "ref", "run", steps, **off)
+    ref_cfg = write_tiny_config(tmp_path / "ref.yaml", tmp_path / "ref", "run", steps, **off)
     run_experiment(load_config(ref_cfg))
     reference = load_history(tmp_path / "ref" / "run" / "metrics.jsonl")
 
-    cfg_path = _write_config(tmp_path / "kill.yaml", tmp_path / "kill", "run", steps, **off)
+    cfg_path = write_tiny_config(tmp_path / "kill.yaml", tmp_path / "kill", "run", steps, **off)
     run_dir = tmp_path / "kill" / "run"
     manifest = run_dir / "artifacts" / "runs" / "run" / "ckpt" / "000003" / "manifest.json"
     cmd = [sys.executable, "-m", "npo.cli", "run", str(cfg_path), "--quiet"]

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from npo.config import ConfigError, ExperimentConfig, load_config
+from npo.config import ConfigError, ExperimentConfig, load_config, public_dump
 
 app = typer.Typer(
     add_completion=False,
@@ -141,7 +141,7 @@ def show_config(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """Print the validated config (defaults filled in) as YAML."""
     cfg = _load(config, set_)
     # Plain echo: rich would hard-wrap long values and break the YAML when piped to a file.
-    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), nl=False)
+    typer.echo(yaml.safe_dump(public_dump(cfg), sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":

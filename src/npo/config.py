@@ -12,6 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -167,7 +168,9 @@ class StoreConfig(_Strict):
         None, description="Where checkpoints go: file:///path (default <root>/<run>/artifacts)."
     )
     metadata_url: str | None = Field(
-        None, description="SQLAlchemy URL of the metadata DB (default sqlite:///<root>/npo.db)."
+        None,
+        description="SQLAlchemy URL of the metadata DB; NPO_METADATA_URL wins when set (keep "
+        "passwords there, not in the file); default sqlite:///<root>/npo.db.",
     )
 
 
@@ -217,6 +220,32 @@ class ExperimentConfig(_Strict):
                 f"(rollout.prompts_per_step * rollout.group_size = {batch})"
             )
         return self
+
+
+# --------------------------------------------------------------------------- persisting
+def redact_url(url: str | None) -> str | None:
+    """`url` with any password replaced by ***, for anything that gets written or logged.
+
+    >>> redact_url("postgresql+psycopg://npo:s3cret@db:5432/npo")
+    'postgresql+psycopg://npo:***@db:5432/npo'
+    """
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def public_dump(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as plain data with credentials redacted: what run folders, the metadata DB
+    and MLflow params get. Credentials belong in the environment (Kubernetes Secrets)."""
+    data = cfg.model_dump(mode="json")
+    data["store"]["metadata_url"] = redact_url(data["store"]["metadata_url"])
+    data["store"]["artifacts_uri"] = redact_url(data["store"]["artifacts_uri"])
+    data["tracking"]["tracking_uri"] = redact_url(data["tracking"]["tracking_uri"])
+    return data
 
 
 # --------------------------------------------------------------------------- loading

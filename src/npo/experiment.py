@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from npo.config import ExperimentConfig
+from npo.config import ExperimentConfig, public_dump
 from npo.report import load_history, write_report
 from npo.steps.context import ProgressFn, RunContext, open_run
 from npo.steps.train_segment import train_segment
@@ -60,7 +60,7 @@ def run_experiment(
     started = time.perf_counter()
     try:
         ctx.db.set_run_status(ctx.run_id, "running")
-        ctx.tracker.log_params(cfg.model_dump(mode="json"))
+        ctx.tracker.log_params(public_dump(cfg))
         warmup(ctx)
         train_segment(ctx, 0, cfg.train.steps)
         summary = summarize(ctx, time.perf_counter() - started)

@@ -9,6 +9,7 @@ can never silently mix two experiments.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from npo.config import ExperimentConfig
+from npo.config import ExperimentConfig, public_dump
 from npo.store.artifacts import ArtifactStore, open_store
 from npo.store.metadata import MetadataDB, default_metadata_url
 from npo.store.tracking import Tracker, make_tracker
@@ -60,7 +61,7 @@ class RunContext:
 
 
 def _config_text(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True)
+    return yaml.safe_dump(public_dump(cfg), sort_keys=True)
 
 
 def open_run(
@@ -85,9 +86,10 @@ def open_run(
     store = open_store(artifacts_uri)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(text)
-    db = MetadataDB(cfg.store.metadata_url or default_metadata_url(cfg.store.root.resolve()))
+    db_url = os.environ.get("NPO_METADATA_URL") or cfg.store.metadata_url
+    db = MetadataDB(db_url or default_metadata_url(cfg.store.root.resolve()))
     db.migrate()
-    db.upsert_run(cfg.name, cfg.name, cfg.method, cfg.seed, cfg.model_dump(mode="json"))
+    db.upsert_run(cfg.name, cfg.name, cfg.method, cfg.seed, public_dump(cfg))
 
     info_path = run_dir / "run.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
