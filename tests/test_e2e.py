@@ -49,7 +49,7 @@ def test_short_run_end_to_end(tmp_path: Path) -> None:
     assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "final accuracy" in (run_dir / "report.md").read_text()
 
-    store = open_store((run_dir / "artifacts").as_uri())
+    store = open_store((root / "artifacts").as_uri())
     assert list_checkpoints(store, "e2e") == [0, 3, 6]
     with MetadataDB(f"sqlite:///{root}/npo.db") as db:
         assert [c.step for c in db.checkpoints("e2e")] == [0, 3, 6]
@@ -78,7 +78,8 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
 
     cfg_path = write_tiny_config(tmp_path / "kill.yaml", tmp_path / "kill", "run", steps, **off)
     run_dir = tmp_path / "kill" / "run"
-    manifest = run_dir / "artifacts" / "runs" / "run" / "ckpt" / "000003" / "manifest.json"
+    manifest = tmp_path / "kill" / "artifacts" / "runs" / "run" / "ckpt" / "000003"
+    manifest = manifest / "manifest.json"
     cmd = [sys.executable, "-m", "npo.cli", "run", str(cfg_path), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

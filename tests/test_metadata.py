@@ -36,14 +36,16 @@ def test_default_url_and_parent_dirs(tmp_path: Path) -> None:
 def test_migrations_match_models_and_are_idempotent(db: MetadataDB) -> None:
     db.migrate()  # second run is a no-op
     inspector = sa.inspect(db.engine)
-    assert set(inspector.get_table_names()) == {"alembic_version", "runs", "checkpoints"}
+    tables = {"runs", "checkpoints", "guidance_caches", "guidance_entries", "mistake_pool"}
+    assert set(inspector.get_table_names()) == {"alembic_version", "interventions", *tables}
+    assert set(Base.metadata.tables) == {"interventions", *tables}
     for table in Base.metadata.sorted_tables:
         migrated = {c["name"] for c in inspector.get_columns(table.name)}
         assert migrated == set(table.columns.keys()), table.name
     uniques = inspector.get_unique_constraints("checkpoints")
     assert [u["column_names"] for u in uniques] == [["run_id", "step"]]
     with db.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         # Alembic's own autogenerate diff: types, nullability, keys, FKs, indexes.
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(ctx, Base.metadata) == []

@@ -108,3 +108,80 @@ def test_load_history_torn_last_line(tmp_path) -> None:
     path.write_text('{"step": 0}\n{"st\n{"step": 2}\n')
     with pytest.raises(ValueError, match=":2:"):
         load_history(path)
+
+
+EVENTS = [
+    {"step": 30, "label": "guide from step 45", "kind": "late"},
+    {"step": 12, "label": "guide from step 20", "kind": "early"},
+    {"step": 20, "label": "plateau → rollback", "kind": "auto"},
+]
+
+
+def test_events_lines_and_interventions_table(tmp_path) -> None:
+    png, md = write_report(tmp_path, _history(), {}, title="npo", events=EVENTS)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    text = md.read_text()
+    assert "## Interventions" in text
+    table = text[text.index("## Interventions") :]
+    # Sorted by step, one row each, before the image link.
+    for line in [
+        "| step | kind | label |",
+        "| 12 | early | guide from step 20 |",
+        "| 20 | auto | plateau → rollback |",
+        "| 30 | late | guide from step 45 |",
+    ]:
+        assert line in table, line
+    assert table.index("| 12 |") < table.index("| 20 |") < table.index("| 30 |")
+    assert text.index("## Interventions") < text.index("![training curves](report.png)")
+
+    fig = report._figure(_history(), "npo", EVENTS)
+    assert len(fig.axes) == 3
+    for ax in fig.axes:  # one dashed vertical line per event on every panel, kind colours
+        vlines = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+        assert sorted(ln.get_xdata()[0] for ln in vlines) == [12, 20, 30]
+    colours = {
+        ln.get_xdata()[0]: ln.get_color() for ln in fig.axes[0].lines if ln.get_linestyle() == "--"
+    }
+    assert colours == {12: "tab:orange", 20: "tab:olive", 30: "tab:purple"}
+
+
+def test_no_events_no_interventions_section(tmp_path) -> None:
+    _, md = write_report(tmp_path / "a", _history(), {}, title="grpo")
+    assert "Interventions" not in md.read_text()
+    _, md = write_report(tmp_path / "b", _history(), {}, title="grpo", events=[])
+    assert "No interventions." in md.read_text()
+    # Missing keys / unusable steps are tolerated.
+    bad = [{"label": "no step"}, {"step": "x"}, {"step": 5}]
+    _, md = write_report(tmp_path / "c", _history(), {}, title="grpo", events=bad)
+    assert "| 5 | event |  |" in md.read_text()
+
+
+def _rewind_history() -> list[dict]:
+    # Global steps 0..29; policy 0..19, rollback to 10 at global 20, replay to 19.
+    policy = list(range(20)) + list(range(10, 20))
+    rows = []
+    for g, p in enumerate(policy):
+        row = {"step": g, "policy_step": p, "reward/mean": g / 30, "actor/entropy": 1.0}
+        if g % 5 == 0:
+            row["eval/accuracy"] = 0.3 + g / 100
+        rows.append(row)
+    return rows
+
+
+def test_fourth_panel_only_on_rewind(tmp_path) -> None:
+    straight = [{**r, "policy_step": r["step"]} for r in _history()]
+    assert not report.has_rewind(straight) and not report.has_rewind(_history())
+    assert len(report._figure(straight, "t").axes) == 3
+
+    rows = _rewind_history()
+    assert report.has_rewind(rows)
+    fig = report._figure(rows, "t", [{"step": 20, "label": "rollback", "kind": "auto"}])
+    assert len(fig.axes) == 4
+    ax = fig.axes[3]
+    assert "policy step" in ax.get_title().lower()
+    policy_line = next(ln for ln in ax.lines if ln.get_label() == "policy step")
+    assert list(policy_line.get_ydata()) == [r["policy_step"] for r in rows]
+    assert fig.axes[3].get_xlabel() == "global step"
+
+    png, _ = write_report(tmp_path, rows, {}, title="autonpo")
+    assert png.read_bytes()[:8] == PNG_MAGIC and len(png.read_bytes()) > 20_000

@@ -1,33 +1,55 @@
-"""MlflowTracker against a real `mlflow server` (PostgreSQL backend store) over HTTP.
+"""MlflowTracker against a real `mlflow server` over HTTP, wired as in a cluster: PostgreSQL
+backend store, artifacts proxied by the server into an S3 bucket (SeaweedFS).
 
-The server (tests/services/mlflowserver.py) is started once per session; each test uses its
-own experiment, and reads back through a separate MlflowClient on the server URL.
+The server (npo.devservices.mlflowserver, fixture in conftest.py) is started once per
+session; each test uses its own experiment, and reads back through a separate MlflowClient
+on the server URL, and through minio for the bucket. The fail-fast tests need no server.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
-import time
+import os
+import socket
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from npo.config import TrackingConfig
-from npo.store.tracking import MlflowTracker, make_tracker
+from npo.devservices.mlflowserver import free_port
+from npo.store.tracking import MlflowTracker, TrackingUnavailable, make_tracker
 
 mlflow = pytest.importorskip("mlflow")
 
 
 @pytest.fixture(autouse=True)
 def _no_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    """No MLflow variables from the caller's shell: not the run/URI, and not the HTTP retry
+    settings (the fail-fast tests must hold with MLflow's defaults)."""
+    for name in list(os.environ):
+        if name.startswith("MLFLOW_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture
-def cfg(mlflow_server) -> TrackingConfig:
+def cfg(mlflow_server, s3_server) -> TrackingConfig:
+    if not s3_server.running:  # a test that stopped it failed before restarting it
+        s3_server.start()
     return TrackingConfig(tracking_uri=mlflow_server.url, experiment=f"e-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def bucket(mlflow_server, s3_server):
+    """(minio client, bucket, key prefix) where the server keeps artifacts."""
+    from minio import Minio
+
+    bucket, _, prefix = mlflow_server.artifacts_destination.removeprefix("s3://").partition("/")
+    client = Minio(s3_server.netloc, s3_server.access_key, s3_server.secret_key, secure=False)
+    return client, bucket, prefix
 
 
 @pytest.fixture
@@ -133,14 +155,105 @@ def test_pg_password_not_in_run(pg_server, cfg, client, tmp_path: Path) -> None:
     assert "postgresql" not in seen
 
 
-def test_unreachable_server_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.mlflowserver import free_port
+def test_artifacts_land_in_the_s3_bucket(
+    cfg, client, bucket, mlflow_server, s3_server, tmp_path: Path
+) -> None:
+    minio, name, prefix = bucket
+    tracker = _tracker(cfg, tmp_path)
+    (tmp_path / "report.md").write_text("# report\n")
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "reward.png").write_bytes(b"\x89PNG fake")
+    tracker.log_artifact(tmp_path / "report.md")
+    tracker.log_artifact(plots, "plots")
+    tracker.finish()
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    start = time.monotonic()
-    with pytest.raises(mlflow.exceptions.MlflowException) as err:
+    run = client.get_run(tracker.run_id)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: no S3 keys needed
+    exp_id = run.info.experiment_id
+    base = f"{prefix}/{exp_id}/{tracker.run_id}/artifacts"
+    keys = {o.object_name for o in minio.list_objects(name, f"{base}/", recursive=True)}
+    assert keys == {f"{base}/report.md", f"{base}/plots/reward.png"}
+    obj = minio.get_object(name, f"{base}/report.md")
+    try:
+        assert obj.read() == b"# report\n"
+    finally:
+        obj.close()
+        obj.release_conn()
+    # The S3 secret stays in the server's environment: not in its log, not in the run.
+    assert s3_server.secret_key not in (mlflow_server.root / "mlflow.log").read_text()
+    assert s3_server.secret_key not in json.dumps([run.info.artifact_uri, run.data.params])
+
+
+# ------------------------------------------------------------------ fail fast, no server
+@pytest.mark.timeout(10)
+def test_closed_port_fails_fast_with_one_clear_error(tmp_path: Path) -> None:
+    """Nothing listens: ONE TrackingUnavailable naming the URI (userinfo redacted), well
+    before MLflow's default retries (minutes) would give up; the timeout mark is the bound."""
+    port = free_port()
+    uri = f"http://alice:hunter2-{port}@127.0.0.1:{port}"
+    with pytest.raises(TrackingUnavailable) as err:
         make_tracker(TrackingConfig(tracking_uri=uri), tmp_path, run_name="x")
-    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert f"http://***@127.0.0.1:{port}" in msg
+    assert "connection refused" in msg and "tracking.tracking_uri" in msg
+    assert "hunter2" not in msg and "alice" not in msg
+    assert err.value.__cause__ is None and err.value.__context__ is None  # nothing chained
+    assert isinstance(err.value, RuntimeError)
+
+
+@pytest.mark.timeout(10)
+def test_unreachable_uri_from_env_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingUnavailable, match=r"from MLFLOW_TRACKING_URI") as err:
+        make_tracker(TrackingConfig(tracking_uri="sqlite:///unused.db"), tmp_path, run_name="x")
     assert uri in str(err.value)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A port that accepts TCP connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+@pytest.mark.timeout(15)
+def test_server_that_never_answers_fails_within_the_probe_timeout(
+    silent_server: str, tmp_path: Path
+) -> None:
+    with pytest.raises(TrackingUnavailable, match=r"no answer within 2 s") as err:
+        MlflowTracker(silent_server, "e", "x", probe_timeout=2)
+    assert silent_server in str(err.value)
+
+
+@pytest.fixture
+def gateway_503() -> Iterator[str]:
+    """An HTTP server answering 503 to everything, like an ingress with no pod behind it."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.timeout(10)
+def test_gateway_without_server_fails_fast(gateway_503: str, tmp_path: Path) -> None:
+    with pytest.raises(TrackingUnavailable, match=r"HTTP 503 on /health"):
+        make_tracker(TrackingConfig(tracking_uri=gateway_503), tmp_path, run_name="x")

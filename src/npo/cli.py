@@ -1,10 +1,11 @@
 """The `npo` command.
 
-    npo run [CONFIG] [--set key.path=value ...] [--fresh]   warm-up + GRPO, report, resumable
+    npo run [CONFIG] [--set key.path=value ...] [--fresh]   warm-up + RL, report, resumable
+    npo compare CONFIG CONFIG ... [--name NAME]            several runs, one comparison
     npo eval CHECKPOINT [--config CONFIG]                   greedy pass@1 of a checkpoint
     npo show-config [CONFIG] [--set ...]                    the validated config as YAML
 
-Exit codes: 0 ok, 1 the run failed, 2 bad input (config, paths).
+Exit codes: 0 ok, 1 the run failed, 2 bad input (config, paths) or an unreachable endpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +55,22 @@ def _fail(message: object) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _unreachable() -> tuple[type[Exception], ...]:
+    """Errors that already name an unreachable or refusing endpoint (S3, database, MLflow):
+    shown as one line, no traceback."""
+    from npo.store.metadata import MetadataDBUnavailable
+    from npo.store.tracking import TrackingUnavailable
+
+    errors: list[type[Exception]] = [MetadataDBUnavailable, TrackingUnavailable]
+    try:
+        from npo.store.s3 import StoreError
+
+        errors.append(StoreError)
+    except ImportError:  # minio is an optional extra
+        pass
+    return tuple(errors)
+
+
 def _load(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
     try:
         return load_config(config, overrides or [])
@@ -91,10 +108,48 @@ def run(
         else:
             with RichProgress(console) as progress:
                 summary = run_experiment(cfg, fresh=fresh, progress=progress)
-    except (RunConflict, TaskError) as e:
+    except (RunConflict, TaskError, *_unreachable()) as e:
         _fail(e)
     console.print(_summary_table(summary))
     console.print(f"report: {summary['report']}")
+
+
+@app.command()
+def compare(
+    configs: Annotated[list[Path], typer.Argument(help="Experiment YAMLs, baseline first.")],
+    name: Annotated[str, typer.Option(help="Folder (under store.root) of the report.")] = (
+        "comparison"
+    ),
+    set_: SetOpt = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Eval accuracy for the steps-to-threshold column.")
+    ] = None,
+    fresh: Annotated[bool, typer.Option(help="Delete previous runs of these names.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Run several experiments (sharing the first one's warm-up) and compare them."""
+    cfgs = [_load(c, set_) for c in configs]
+    if len({c.name for c in cfgs}) != len(cfgs):
+        _fail("compare: every config needs its own name (set name: in each file)")
+    _quiet_libraries()
+    from npo.compare import run_comparison
+    from npo.progress import RichProgress
+    from npo.steps.context import RunConflict
+    from npo.tasks import TaskError
+
+    console.print(f"[bold]npo compare[/bold] {', '.join(f'{c.name} ({c.method})' for c in cfgs)}")
+    try:
+        if quiet:
+            png, md, summaries = run_comparison(cfgs, name, threshold, fresh)
+        else:
+            with RichProgress(console) as progress:
+                png, md, summaries = run_comparison(cfgs, name, threshold, fresh, progress)
+    except (RunConflict, TaskError, *_unreachable()) as e:
+        _fail(e)
+    for summary in summaries:
+        console.print(_summary_table(summary))
+    console.print(md.read_text(), markup=False, highlight=False)
+    console.print(f"comparison: {md} and {png}")
 
 
 @app.command("eval")

@@ -107,6 +107,11 @@ class WarmupConfig(_Strict):
         "RL starts at the edge of competence, not at 0% or 90%.",
     )
     check_every: int = Field(20, ge=1, description="Steps between the target checks.")
+    init_from: str | None = Field(
+        None,
+        description="Reuse checkpoint 0 of this run (same store) when its seed, task, model "
+        "and warm-up settings equal ours: baselines share one warm-up.",
+    )
 
 
 class RolloutConfig(_Strict):
@@ -161,11 +166,101 @@ class TrainConfig(_Strict):
     threads: int = Field(2, ge=1, description="torch intra-op threads.")
 
 
+# --------------------------------------------------------------------------- NPO
+class GuidanceConfig(_Strict):
+    gate: float = Field(
+        0.6,
+        ge=0,
+        description="Replace slot G of a group whose on-policy pass rate is below this "
+        "(the paper's 0.6); > 1 guides every cached prompt.",
+    )
+    importance_sampling: bool = Field(
+        True,
+        description="Guide rows use the guide's log-probs as pi_old (ratio pi/pi_guide, "
+        "clipped); off: the current policy's own (ratio 1 at the first update).",
+    )
+    tries: int = Field(8, ge=1, description="Guide samples per prompt (k) to find a correct one.")
+
+
+class EarlyScheduleConfig(_Strict):
+    enabled: bool = Field(False, description="Early-stage bootstrapping.")
+    scout_steps: int = Field(25, ge=1, description="Steps of the scout run from step 0 (S).")
+    window: int = Field(25, ge=1, description="The guide covers policy steps [0, window].")
+
+
+class LateScheduleConfig(_Strict):
+    enabled: bool = Field(False, description="Late-stage plateau breakthrough.")
+    at_step: int = Field(100, ge=0, description="Plateau step t: replay [t, t+lookahead].")
+    lookahead: int = Field(25, ge=1, description="Steps trained past t for the guide (Δ).")
+
+
+class RollingScheduleConfig(_Strict):
+    enabled: bool = Field(False, description="Guide every window from a look-ahead of it.")
+    every: int = Field(25, ge=1, description="Window length W.")
+    lookahead: int = Field(25, ge=1, description="Steps trained ahead of each window (Δ).")
+
+
+class NPOConfig(_Strict):
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    early: EarlyScheduleConfig = Field(default_factory=EarlyScheduleConfig)
+    late: LateScheduleConfig = Field(default_factory=LateScheduleConfig)
+    rolling: RollingScheduleConfig = Field(default_factory=RollingScheduleConfig)
+    delta0_control: bool = Field(
+        False,
+        description="Control: the guide is the current checkpoint itself (same k tries), "
+        "separating 'near future' from 'best of k'.",
+    )
+
+
+class AutoNPOConfig(_Strict):
+    check_every: int = Field(10, ge=1, description="Policy steps between trigger checks.")
+    window: int = Field(20, ge=2, description="Stagnation window W (needs 2W steps of history).")
+    ema_alpha: float = Field(0.1, gt=0, le=1, description="EMA weight of the train reward.")
+    min_reward_gain: float = Field(
+        0.02, description="Reward EMA gain over W below this counts as stagnation."
+    )
+    min_entropy_drop: float = Field(
+        0.05, ge=0, description="Relative entropy decline over W needed (exploration collapse)."
+    )
+    mistake_below: float = Field(
+        0.5,
+        ge=0,
+        description="A prompt joins the mistake pool when its group pass rate is below this "
+        "(> 1: every prompt).",
+    )
+    confirm_prompts: int = Field(
+        32, ge=1, description="Pool prompts per slice rolled out to confirm."
+    )
+    confirm_below: float = Field(
+        0.5, ge=0, le=1, description="Confirmed when the current pass rate on the pool is below."
+    )
+    candidates: list[int] = Field(
+        default_factory=lambda: [10, 20, 40], description="Rollback distances Δ to score."
+    )
+    v_floor: float = Field(1e-3, gt=0, description="Floor of the variance proxy V̂(Δ).")
+    cooldown: int = Field(
+        30, ge=0, description="Policy steps after an intervention before another."
+    )
+    max_interventions: int = Field(3, ge=0, description="At most this many interventions.")
+    force_at: list[int] = Field(
+        default_factory=list,
+        description="Trigger (confirmed) at these policy steps whatever the signals: demos/tests.",
+    )
+
+    @model_validator(mode="after")
+    def _candidates(self) -> AutoNPOConfig:
+        if not self.candidates or min(self.candidates) < 1:
+            raise ValueError("candidates must be a non-empty list of distances >= 1")
+        return self
+
+
 # --------------------------------------------------------------------------- storage
 class StoreConfig(_Strict):
     root: Path = Field(Path("runs"), description="Local folder for runs (reports, SQLite, MLflow).")
     artifacts_uri: str | None = Field(
-        None, description="Where checkpoints go: file:///path (default <root>/<run>/artifacts)."
+        None,
+        description="Object store of every run under root (checkpoints, guidance): file:///path "
+        "or s3://bucket/prefix (default <root>/artifacts).",
     )
     metadata_url: str | None = Field(
         None,
@@ -189,17 +284,19 @@ class ExperimentConfig(_Strict):
     name: str = Field(
         "toy-grpo",
         coerce_numbers_to_str=True,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-        description="Run name.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Run name (letters, digits, _ and -; branches add .<suffix>).",
     )
     seed: int = Field(0, description="Seed of model init, sampling and data order.")
-    method: Literal["grpo"] = Field("grpo", description="Training method.")
+    method: Literal["grpo", "npo", "autonpo"] = Field("grpo", description="Training method.")
     task: TaskConfig = Field(default_factory=ArithmeticTaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    npo: NPOConfig = Field(default_factory=NPOConfig)
+    autonpo: AutoNPOConfig = Field(default_factory=AutoNPOConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -219,7 +316,30 @@ class ExperimentConfig(_Strict):
                 f"algo.minibatches ({self.algo.minibatches}) must divide the rollout batch "
                 f"(rollout.prompts_per_step * rollout.group_size = {batch})"
             )
+        if self.method == "npo":
+            self._check_npo()
         return self
+
+    def _check_npo(self) -> None:
+        npo, steps = self.npo, self.train.steps
+        schedules = [n for n in ("early", "late", "rolling") if getattr(npo, n).enabled]
+        if not schedules:
+            raise ValueError(
+                "method npo needs a schedule: set npo.early.enabled, npo.late.enabled "
+                "or npo.rolling.enabled"
+            )
+        if npo.rolling.enabled and len(schedules) > 1:
+            raise ValueError("npo.rolling cannot be combined with npo.early / npo.late")
+        if npo.early.enabled and npo.early.window > steps:
+            raise ValueError(f"npo.early.window ({npo.early.window}) > train.steps ({steps})")
+        if npo.late.enabled:
+            end = npo.late.at_step + npo.late.lookahead
+            if end > steps:
+                raise ValueError(
+                    f"npo.late.at_step + npo.late.lookahead ({end}) > train.steps ({steps})"
+                )
+            if npo.early.enabled and npo.late.at_step < npo.early.window:
+                raise ValueError("npo.late.at_step must come after npo.early.window")
 
 
 # --------------------------------------------------------------------------- persisting

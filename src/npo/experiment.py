@@ -14,10 +14,24 @@ from typing import Any
 import torch
 
 from npo.config import ExperimentConfig, public_dump
+from npo.engine import train
+from npo.guidance.cache import list_cache_headers
 from npo.report import load_history, write_report
-from npo.steps.context import ProgressFn, RunContext, open_run
-from npo.steps.train_segment import train_segment
+from npo.steps.context import ProgressFn, RunContext, is_main_line, open_run
 from npo.steps.warmup import warmup
+from npo.store.metadata import MetadataDB
+
+
+def intervention_events(db: MetadataDB, run_id: str) -> list[dict[str, Any]]:
+    """The run's interventions as report events at their global step."""
+    return [
+        {
+            "step": int(iv.signals.get("global_step", iv.at_step)),
+            "label": f"{iv.kind} Δ={iv.delta}",
+            "kind": iv.kind,
+        }
+        for iv in db.interventions(run_id)
+    ]
 
 
 def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
@@ -30,8 +44,32 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
 
     def mean(key: str) -> float:
         vals = [r[key] for r in train_rows if key in r]
-        return sum(vals) / len(vals) if vals else float("nan")
+        if not vals:
+            return float("nan")
+        return sum(vals) / len(vals)
 
+    guides = list_cache_headers(ctx.store, ctx.run_id)
+    # Look-ahead branches are extra compute; AutoNPO's replays are already in the updates.
+    lookahead = sum(
+        g["guide_step"] - g["policy_step"]
+        for g in guides
+        if not is_main_line(ctx.run_id, g["guide_run_id"])
+    )
+    npo_rows: dict[str, Any] = {}
+    if guides:
+        stats = [g["stats"] for g in guides]
+        npo_rows = {
+            "guidance caches": len(guides),
+            "look-ahead policy steps": lookahead,
+            "replayed policy steps": max((r["step"] for r in rows), default=0)
+            - max((r["policy_step"] for r in rows), default=0),
+            "guide Q̂ (mean)": sum(s["q_hat"] for s in stats) / len(stats),
+            "guide - current accuracy (points, mean)": 100.0
+            * sum(s["accuracy_gap"] for s in stats)
+            / len(stats),
+            "guidance sampled tokens": sum(s["sampled_tokens"] for s in stats),
+            "guided groups (mean frac)": mean("npo/guided_frac"),
+        }
     return {
         "run": ctx.run_id,
         "policy steps": max((r["policy_step"] for r in rows), default=0),
@@ -45,6 +83,7 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
         ),
         "rollout tokens/s": mean("perf/rollout_tokens_per_s"),
         "train tokens/s": mean("perf/train_tokens_per_s"),
+        **npo_rows,
         "wall time (s)": wall_s,
         "mlflow run": ctx.tracker.run_id or "-",
     }
@@ -62,10 +101,14 @@ def run_experiment(
         ctx.db.set_run_status(ctx.run_id, "running")
         ctx.tracker.log_params(public_dump(cfg))
         warmup(ctx)
-        train_segment(ctx, 0, cfg.train.steps)
+        train(ctx)
         summary = summarize(ctx, time.perf_counter() - started)
         png, md = write_report(
-            ctx.run_dir, load_history(ctx.history_path), summary, title=f"{cfg.method} · {cfg.name}"
+            ctx.run_dir,
+            load_history(ctx.history_path),
+            summary,
+            title=f"{cfg.method} · {cfg.name}",
+            events=intervention_events(ctx.db, ctx.run_id),
         )
         for path in (png, md):
             ctx.tracker.log_artifact(path, "report")

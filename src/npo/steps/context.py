@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import yaml
 from npo.config import ExperimentConfig, public_dump
 from npo.store.artifacts import ArtifactStore, open_store
 from npo.store.metadata import MetadataDB, default_metadata_url
-from npo.store.tracking import Tracker, make_tracker
+from npo.store.tracking import NullTracker, Tracker, make_tracker
 from npo.tasks import Task, make_task
 
 ProgressFn = Callable[[str, int, int, dict[str, float]], None]
@@ -52,6 +53,37 @@ class RunContext:
     def history_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
+    @property
+    def root_id(self) -> str:
+        """The experiment's run id (a branch's or lineage's parent)."""
+        return self.info.get("parent", self.run_id)
+
+    def lineage(self, k: int) -> RunContext:
+        """The run continuing under a new checkpoint lineage (`<root>.<name>`) after a
+        rollback (`<root>.r<k>`): replayed policy steps get their own checkpoints, never
+        overwriting the ones they replace; metrics and tracker stay the run's."""
+        run_id = f"{self.root_id}.r{k}"
+        self.db.upsert_run(run_id, run_id, f"{self.cfg.method}-lineage", self.cfg.seed, {})
+        return replace(self, run_id=run_id, info={**self.info, "parent": self.root_id})
+
+    def branch(self, name: str) -> RunContext:
+        """A child run (`<run_id>.<name>`, e.g. a look-ahead) sharing stores and task.
+
+        Its checkpoints live under its own run id, its metrics in its own folder; it logs
+        nothing to the parent's tracker (the parent logs what the branch produced).
+        """
+        run_id = f"{self.root_id}.{name}"
+        self.db.upsert_run(run_id, run_id, f"{self.cfg.method}-branch", self.cfg.seed, {})
+        run_dir = self.run_dir / "branches" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return replace(
+            self,
+            run_id=run_id,
+            run_dir=run_dir,
+            tracker=NullTracker(),
+            info={"parent": self.run_id},
+        )
+
     def close(self, status: str = "FINISHED") -> None:
         self.tracker.finish(status)
         self.db.close()
@@ -64,18 +96,31 @@ def _config_text(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(public_dump(cfg), sort_keys=True)
 
 
+def is_main_line(root_id: str, run_id: str) -> bool:
+    """True for the run itself and its rollback lineages, False for look-ahead branches."""
+    return re.fullmatch(rf"{re.escape(root_id)}(\.r\d+)?", run_id) is not None
+
+
+def metadata_url(cfg: ExperimentConfig) -> str:
+    """NPO_METADATA_URL (from a Secret), else the config's URL, else SQLite under root."""
+    url = os.environ.get("NPO_METADATA_URL") or cfg.store.metadata_url
+    return url or default_metadata_url(cfg.store.root.resolve())
+
+
 def open_run(
     cfg: ExperimentConfig, fresh: bool = False, progress: ProgressFn | None = None
 ) -> RunContext:
     """Create or re-open the run named `cfg.name` (fresh=True wipes a previous one)."""
     run_dir = (cfg.store.root / cfg.name).resolve()
-    artifacts_uri = cfg.store.artifacts_uri or (run_dir / "artifacts").as_uri()
+    artifacts_uri = cfg.store.artifacts_uri or (cfg.store.root.resolve() / "artifacts").as_uri()
     text = _config_text(cfg)
     saved = run_dir / "config.yaml"
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-        if cfg.store.artifacts_uri:
-            open_store(artifacts_uri).delete_prefix(f"runs/{cfg.name}/")
+    if fresh:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        store = open_store(artifacts_uri)
+        store.delete_prefix(f"runs/{cfg.name}/")  # the run's checkpoints and guidance
+        store.delete_prefix(f"runs/{cfg.name}.")  # its look-ahead branches and lineages
     if saved.exists() and saved.read_text() != text:
         raise RunConflict(
             f"{run_dir} holds a run started with a different config; resume it with the "
@@ -86,8 +131,7 @@ def open_run(
     store = open_store(artifacts_uri)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(text)
-    db_url = os.environ.get("NPO_METADATA_URL") or cfg.store.metadata_url
-    db = MetadataDB(db_url or default_metadata_url(cfg.store.root.resolve()))
+    db = MetadataDB(metadata_url(cfg))
     db.migrate()
     db.upsert_run(cfg.name, cfg.name, cfg.method, cfg.seed, public_dump(cfg))
 

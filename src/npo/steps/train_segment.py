@@ -12,17 +12,22 @@ every `train.checkpoint_every` steps and at `end_step`.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from npo.algo import compute_advantages, zero_variance_fraction
+from npo.algo.npo import offpolicy_stats, old_logprobs_for_mix, pass_rates
+from npo.guidance.cache import GuidanceCache
+from npo.guidance.inject import inject_guidance
 from npo.rollout import RolloutBatch, sample
 from npo.steps.context import RunContext
 from npo.steps.evaluate import evaluate_policy
 from npo.store.checkpoint import list_checkpoints
 from npo.tasks import Problem
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
-from npo.training.rl_step import ppo_update
+from npo.training.rl_step import ppo_update, sequence_logprobs
 from npo.training.seeding import batch_indices, derive_seed, seed_everything, set_rng_state
 from npo.training.state import load_train_state, save_train_state
 
@@ -50,8 +55,62 @@ def _resume_point(ctx: RunContext, start_step: int, end_step: int) -> int:
     return max(done)
 
 
-def train_segment(ctx: RunContext, start_step: int, end_step: int) -> dict[str, float]:
-    """Train policy steps start_step+1 .. end_step; returns the last step's metrics."""
+def _record_mistakes(
+    ctx: RunContext, step: int, problems: list[Problem], rewards: torch.Tensor
+) -> None:
+    """AutoNPO's mistake pool: prompts whose group pass rate is below the threshold."""
+    rates = pass_rates(rewards).tolist()
+    failed = [(p.id, r) for p, r in zip(problems, rates, strict=True)]
+    failed = [(pid, r) for pid, r in failed if r < ctx.cfg.autonpo.mistake_below]
+    if failed:
+        ctx.db.record_mistakes(ctx.root_id, step, failed)
+
+
+def _mix_in_guidance(
+    ctx: RunContext,
+    model: PreTrainedModel,
+    batch: RolloutBatch,
+    rewards: torch.Tensor,
+    problems: list[Problem],
+    guidance: GuidanceCache,
+    pad_id: int,
+) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """NPO: swap guide rows into gated groups; returns batch, rewards, pi_old, metrics."""
+    gcfg, temperature = ctx.cfg.npo.guidance, ctx.cfg.rollout.temperature
+    mixed = inject_guidance(batch, rewards, problems, guidance, gcfg.gate, pad_id)
+    current = sequence_logprobs(model, mixed.batch, temperature)
+    old = old_logprobs_for_mix(
+        current,
+        mixed.batch.logprobs.to(current.device),
+        mixed.is_guide.to(current.device),
+        gcfg.importance_sampling,
+    )
+    advantages = compute_advantages(ctx.cfg.algo.adv_estimator, mixed.rewards).reshape(-1)
+    metrics = {
+        "npo/gated_frac": float(mixed.gated.float().mean()),
+        "npo/guided_frac": float(mixed.replaced.float().mean()),
+        **offpolicy_stats(
+            current,
+            old,
+            advantages,
+            mixed.batch.response_mask.to(current.device),
+            mixed.is_guide.to(current.device),
+        ),
+    }
+    return mixed.batch, mixed.rewards, old, metrics
+
+
+def train_segment(
+    ctx: RunContext,
+    start_step: int,
+    end_step: int,
+    guidance: GuidanceCache | None = None,
+    phase: str = "grpo",
+) -> dict[str, Any]:
+    """Train policy steps start_step+1 .. end_step (with NPO guidance when given).
+
+    Returns the loop state at end_step: policy_step, global_step, phase, ...
+    """
     cfg, algo, ro = ctx.cfg, ctx.cfg.algo, ctx.cfg.rollout
     step = _resume_point(ctx, start_step, end_step)
     loaded = load_train_state(ctx.store, ctx.run_id, step, cfg.model.dtype)
@@ -63,18 +122,21 @@ def train_segment(ctx: RunContext, start_step: int, end_step: int) -> dict[str, 
         set_rng_state(loaded.rng)
     ref_model = None
     if algo.kl_coef > 0:
-        ref_model = load_train_state(ctx.store, ctx.run_id, 0, cfg.model.dtype).model.eval()
+        # The reference is the warm-up policy of the experiment (branches included).
+        ref_model = load_train_state(ctx.store, ctx.root_id, 0, cfg.model.dtype).model.eval()
     state = dict(loaded.state)
-    truncate_history(ctx, state["global_step"])
+    if step < end_step:  # resuming mid-segment: rows past the checkpoint died with a crash
+        truncate_history(ctx, state["global_step"])
 
     train: list[Problem] = ctx.task.train_problems()
     evals = ctx.task.eval_problems()[: cfg.train.eval_size]
-    last: dict[str, float] = {}
-    ctx.progress("grpo", step - start_step, end_step - start_step, last)
+    ctx.progress(phase, step - start_step, end_step - start_step, {})
     while step < end_step:
         step += 1
         t0 = time.perf_counter()
-        seed_everything(derive_seed(cfg.seed, step))
+        # Sampling randomness follows the global step (a replayed policy step samples
+        # afresh); the prompts follow the policy step (a replay revisits its segment).
+        seed_everything(derive_seed(cfg.seed, state["global_step"] + 1))
         # From the step number, not a scheduler object: a resumed run needs no extra state.
         lr = algo.lr * min(1.0, step / algo.lr_warmup_steps) if algo.lr_warmup_steps else algo.lr
         for group in optimizer.param_groups:
@@ -94,12 +156,22 @@ def train_segment(ctx: RunContext, start_step: int, end_step: int) -> dict[str, 
             [problems[i] for i in batch.prompt_index.tolist()], batch.texts
         )
         rewards = torch.tensor([v.reward for v in verdicts]).view(len(problems), ro.group_size)
-        advantages = compute_advantages(algo.adv_estimator, rewards, algo.adv_eps).reshape(-1)
+        on_policy = rollout_metrics(rewards, batch, tokenizer.eos_token_id)
+        if cfg.method == "autonpo":
+            _record_mistakes(ctx, step, problems, rewards)
         t1 = time.perf_counter()
-        metrics = ppo_update(model, optimizer, batch, advantages, algo, ro.temperature, ref_model)
+        old, extra = None, {}
+        if guidance is not None:
+            batch, rewards, old, extra = _mix_in_guidance(
+                ctx, model, batch, rewards, problems, guidance, tokenizer.pad_token_id
+            )
+        advantages = compute_advantages(algo.adv_estimator, rewards, algo.adv_eps).reshape(-1)
+        metrics = ppo_update(
+            model, optimizer, batch, advantages, algo, ro.temperature, ref_model, old_logprobs=old
+        )
         t_train = time.perf_counter() - t1
         tokens = batch.num_response_tokens + int(batch.prompt_mask.sum())
-        metrics |= rollout_metrics(rewards, batch, tokenizer.eos_token_id)
+        metrics |= on_policy | extra
         metrics |= {
             "actor/lr": lr,
             "perf/step_time_s": time.perf_counter() - t0,
@@ -112,12 +184,11 @@ def train_segment(ctx: RunContext, start_step: int, end_step: int) -> dict[str, 
             metrics |= evaluate_policy(model, tokenizer, ctx.task, evals, ro.max_new_tokens)
         record_metrics(ctx, metrics, state["global_step"], step)
         if step % cfg.train.checkpoint_every == 0 or step == end_step:
-            state["phase"] = "grpo"
+            state["phase"] = phase
             state["data_cursor"] = step * ro.prompts_per_step
             manifest = save_train_state(
                 ctx.store, ctx.run_id, step, model, tokenizer, optimizer, state
             )
             record_checkpoint(ctx, step, manifest, {k: v for k, v in metrics.items() if "/" in k})
-        ctx.progress("grpo", step - start_step, end_step - start_step, metrics)
-        last = metrics
-    return last
+        ctx.progress(phase, step - start_step, end_step - start_step, metrics)
+    return state

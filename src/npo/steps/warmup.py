@@ -6,17 +6,21 @@ Idempotent: when checkpoint 0 of the run exists, nothing is recomputed.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
+import yaml
 
+from npo.config import public_dump
 from npo.policy import init_policy
-from npo.steps.context import RunContext
+from npo.report import load_history
+from npo.steps.context import RunConflict, RunContext
 from npo.steps.evaluate import evaluate_policy
-from npo.store.checkpoint import list_checkpoints
+from npo.store.checkpoint import list_checkpoints, read_manifest
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
 from npo.training.seeding import batch_indices, derive_seed, seed_everything
 from npo.training.sft import sft_step
-from npo.training.state import save_train_state
+from npo.training.state import fork_checkpoint, save_train_state
 
 
 def warmup(ctx: RunContext) -> dict[str, float]:
@@ -24,6 +28,9 @@ def warmup(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.cfg
     if 0 in list_checkpoints(ctx.store, ctx.run_id):
         return {}
+    source = cfg.warmup.init_from
+    if source and 0 in list_checkpoints(ctx.store, source):
+        return _reuse(ctx, source)
     truncate_history(ctx, -1)  # rows of an attempt that died before checkpoint 0
     seed_everything(derive_seed(cfg.seed, 0, stream=2))
     model, tokenizer = init_policy(cfg.model, ctx.task.alphabet(), cfg.seed)
@@ -63,3 +70,35 @@ def warmup(ctx: RunContext) -> dict[str, float]:
     manifest = save_train_state(ctx.store, ctx.run_id, 0, model, tokenizer, None, state)
     record_checkpoint(ctx, 0, manifest, result)
     return result
+
+
+def _warmup_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """The config fields that determine checkpoint 0."""
+    warm = {k: v for k, v in data["warmup"].items() if k != "init_from"}
+    return {
+        "seed": data["seed"],
+        "task": data["task"],
+        "model": data["model"],
+        "warmup": warm,
+        "max_new_tokens": data["rollout"]["max_new_tokens"],
+        "eval_size": data["train"]["eval_size"],
+    }
+
+
+def _reuse(ctx: RunContext, source: str) -> dict[str, float]:
+    """Fork checkpoint 0 (and its history row) of `source` after checking it is ours."""
+    source_dir = ctx.run_dir.parent / source
+    theirs = yaml.safe_load((source_dir / "config.yaml").read_text())
+    ours = public_dump(ctx.cfg)
+    if _warmup_identity(theirs) != _warmup_identity(ours):
+        raise RunConflict(
+            f"warmup.init_from={source}: that run's seed/task/model/warm-up settings differ "
+            f"from this run's; its checkpoint 0 is not this run's warm-up"
+        )
+    fork_checkpoint(ctx.store, source, ctx.run_id, 0)
+    row = {k: v for k, v in load_history(source_dir / "metrics.jsonl")[0].items()}
+    metrics = {k: v for k, v in row.items() if k not in ("step", "policy_step")}
+    truncate_history(ctx, -1)
+    record_metrics(ctx, metrics, global_step=0, policy_step=0)
+    record_checkpoint(ctx, 0, read_manifest(ctx.store, ctx.run_id, 0), metrics)
+    return metrics

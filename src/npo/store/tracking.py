@@ -21,6 +21,13 @@ Choices worth knowing:
   dropped, so replaying steps after a restart does not duplicate points.
 - Params already on a reused run are not sent again (MLflow params are immutable); a
   changed value is reported in a warning.
+- An http(s) tracking URI is probed first (`GET <uri>/health`, 5 s timeouts): a server that
+  is down, refuses, does not resolve or does not answer gives ONE `TrackingUnavailable`
+  naming the URI (userinfo redacted) within seconds, rather than minutes of MLflow's HTTP
+  retries. Any HTTP answer but 502/503/504 counts as reachable (a proxy in front of the
+  server may not route /health). The probe honours MLflow's TLS variables
+  (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH,
+  MLFLOW_TRACKING_CLIENT_CERT_PATH) and, like MLflow, requests' proxy and CA variables.
 - `mlflow` is imported inside `MlflowTracker` only: it costs ~1 s, which a disabled run
   should not pay.
 """
@@ -31,11 +38,13 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from npo.config import TrackingConfig
@@ -49,6 +58,100 @@ _MAX_PARAM_VAL_LENGTH = 6000
 _MAX_TAG_VAL_LENGTH = 8000
 _MAX_KEY_LENGTH = 250
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+PROBE_TIMEOUT = 5.0  # seconds, for each of connect and read of the /health probe
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached; the message names the URI (redacted)."""
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with any userinfo (user, password or token) replaced by ***.
+
+    >>> redact_uri("https://alice:s3cret@mlflow.example:5000/x")
+    'https://***@mlflow.example:5000/x'
+    """
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def check_tracking_server(
+    uri: str, timeout: float = PROBE_TIMEOUT, source: str | None = None
+) -> None:
+    """Raise `TrackingUnavailable` unless the http(s) tracking server at `uri` answers.
+
+    Other schemes (sqlite, file, databricks, ...) are not probed. `source` (e.g. the variable
+    the URI came from) is named in the message.
+    """
+    if urlsplit(uri).scheme.lower() not in ("http", "https"):
+        return
+    import requests
+
+    verify: bool | str = True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").strip().lower() in _TRUE:
+        verify = False
+    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    cert = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None
+    reason: str | None = None
+    try:
+        resp = requests.get(
+            uri.rstrip("/") + "/health", timeout=(timeout, timeout), verify=verify, cert=cert
+        )
+    except requests.exceptions.SSLError:
+        reason = (
+            "TLS error; set MLFLOW_TRACKING_SERVER_CERT_PATH to the server's CA file, or "
+            "MLFLOW_TRACKING_INSECURE_TLS=true for a test server"
+        )
+    except requests.exceptions.ConnectTimeout:
+        reason = f"connect timed out after {timeout:g} s"
+    except requests.exceptions.ReadTimeout:
+        reason = f"no answer within {timeout:g} s"
+    except requests.exceptions.ConnectionError as e:
+        reason = _connection_reason(e)
+    except requests.exceptions.RequestException as e:
+        reason = f"invalid request ({type(e).__name__})"
+    else:
+        resp.close()
+        if resp.status_code in (502, 503, 504):
+            reason = f"HTTP {resp.status_code} on /health: a proxy with no server behind it?"
+    if reason is None:
+        return
+    origin = f" (from {source})" if source else ""
+    # Raised here, outside the handlers: no chained exception repeats the URI unredacted.
+    raise TrackingUnavailable(
+        f"MLflow tracking server {redact_uri(uri)}{origin} is unreachable: {reason}. "
+        "Start it or fix the URI (MLFLOW_TRACKING_URI wins over tracking.tracking_uri), "
+        "or run with tracking.enabled=false"
+    )
+
+
+def _connection_reason(exc: BaseException) -> str:
+    """A short cause for a failed connection, from the exception chain requests builds."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo and len(seen) < 20:
+        cur = todo.pop()
+        if cur is None or any(cur is s for s in seen):
+            continue
+        seen.append(cur)
+        todo += [getattr(cur, "reason", None), cur.__cause__, cur.__context__]
+        todo += [a for a in cur.args if isinstance(a, BaseException)]
+    if any(isinstance(e, ConnectionRefusedError) for e in seen):
+        return "connection refused"
+    if any(isinstance(e, socket.gaierror) or "NameResolution" in type(e).__name__ for e in seen):
+        return "host name does not resolve"
+    if any(isinstance(e, ConnectionResetError | ConnectionAbortedError) for e in seen):
+        return "connection reset"
+    if any(isinstance(e, TimeoutError) for e in seen):
+        return "connect timed out"
+    for e in seen:
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno).lower()
+    return "connection failed"
 
 
 class Tracker(Protocol):
@@ -138,10 +241,14 @@ class MlflowTracker:
         resume_run_id: str | None = None,
         flush_every: int = 50,
         artifact_location: str | None = None,
+        probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         """`artifact_location` applies only when the experiment is created here; for a
         `sqlite:///` URI it defaults to `mlartifacts/` beside the database file, so
-        artifacts land under the run root rather than the working directory."""
+        artifacts land under the run root rather than the working directory.
+
+        Raises `TrackingUnavailable` when an http(s) server does not answer within
+        `probe_timeout` seconds (see `check_tracking_server`)."""
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         # Import before quieting: importing mlflow (re)configures its loggers.
@@ -149,7 +256,13 @@ class MlflowTracker:
         from mlflow.entities import Metric, Param, RunTag
 
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
-        self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+        from_env = os.environ.get("MLFLOW_TRACKING_URI")
+        self.tracking_uri = from_env or tracking_uri
+        check_tracking_server(
+            self.tracking_uri,
+            probe_timeout,
+            source="MLFLOW_TRACKING_URI" if from_env else "tracking.tracking_uri",
+        )
         self.flush_every = flush_every
         self._buffer: list[Any] = []  # mlflow.entities.Metric
         self._buffered_steps = 0

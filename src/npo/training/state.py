@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from npo.policy import load_policy, save_policy
 from npo.store.artifacts import ArtifactStore
-from npo.store.checkpoint import load_checkpoint, save_checkpoint
+from npo.store.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from npo.training.seeding import rng_state
 
 
@@ -68,3 +68,23 @@ def load_train_state(
         rng = torch.load(root / "rng.pt", weights_only=False)
         state = json.loads((root / "state.json").read_text())
     return TrainState(model, tokenizer, optimizer_state, rng, state, manifest)
+
+
+def fork_checkpoint(
+    store: ArtifactStore,
+    src_run: str,
+    dst_run: str,
+    step: int,
+    state_update: dict[str, Any] | None = None,
+) -> None:
+    """Copy checkpoint `step` of `src_run` to `dst_run` (a branch or a new lineage starts
+    there), with `state_update` merged into its loop state; idempotent."""
+    if step in list_checkpoints(store, dst_run):
+        return
+    with tempfile.TemporaryDirectory(prefix="npo-fork-") as tmp:
+        root = Path(tmp)
+        load_checkpoint(store, src_run, step, root)
+        state = {**json.loads((root / "state.json").read_text()), **(state_update or {})}
+        state["forked_from"] = src_run
+        (root / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        save_checkpoint(store, dst_run, step, root, meta=state)

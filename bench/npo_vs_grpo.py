@@ -1,0 +1,176 @@
+"""NPO vs GRPO on the toy: steps to an accuracy threshold, final accuracy, compute, wall time.
+
+For each seed, every method starts from the same warm-up checkpoint (the GRPO run's, shared
+through `warmup.init_from`), with the same data order and sampling seeds:
+
+  grpo            on-policy GRPO
+  npo-early       early bootstrapping: a scout of S steps guides the window (0, W]
+  npo-early-late  early + a late breakthrough: a look-ahead branch from t guides (t, t+Δ]
+  npo-rolling     every window (t, t+W] guided by a look-ahead of Δ steps from t
+  autonpo         adaptive: plateau trigger, Δ* = argmax Q̂/V̂, rollback + guided replay
+  delta0          control: npo-early-late's schedule, guide = the current checkpoint itself
+                  (same k tries): separates "near future" from "best of k sampling"
+
+The warm-up stops at a low target accuracy (default 15%) so training starts in the sparse-
+reward regime where early guidance should matter. Compute counts every update of the run
+(replays included) plus look-ahead steps; guidance sampling is reported in tokens.
+
+Run:
+    .venv/bin/python bench/npo_vs_grpo.py                       # 3 seeds, all methods
+    .venv/bin/python bench/npo_vs_grpo.py --seeds 0 --methods grpo npo-early --steps 60
+Writes <out>/bench.md, bench.png and bench.json; prints the table. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from npo.config import ExperimentConfig, load_config
+from npo.experiment import run_experiment
+from npo.guidance.cache import list_cache_headers
+from npo.report import load_history
+from npo.report_compare import RunCurves, steps_to_threshold, write_comparison
+from npo.store.artifacts import open_store
+
+METHODS: dict[str, list[str]] = {
+    "grpo": [],
+    "npo-early": ["method=npo", "npo.early.enabled=true"],
+    "npo-early-late": ["method=npo", "npo.early.enabled=true", "npo.late.enabled=true"],
+    "npo-rolling": ["method=npo", "npo.rolling.enabled=true"],
+    "autonpo": ["method=autonpo"],
+    "delta0": [
+        "method=npo",
+        "npo.early.enabled=true",
+        "npo.late.enabled=true",
+        "npo.delta0_control=true",
+    ],
+}
+
+
+def config(args: argparse.Namespace, method: str, seed: int) -> ExperimentConfig:
+    base = args.autonpo_config if method == "autonpo" else args.config
+    overrides = [
+        f"name=s{seed}-{method}",
+        f"seed={seed}",
+        f"train.steps={args.steps}",
+        f"warmup.target_accuracy={args.warmup_target}",
+        f"store.root={args.out}",
+        "tracking.enabled=false",
+        "warmup.init_from=null" if method == "grpo" else f"warmup.init_from=s{seed}-grpo",
+        *METHODS[method],
+        *args.set,
+    ]
+    return load_config(base, overrides)
+
+
+def measure(cfg: ExperimentConfig, threshold: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    summary = run_experiment(cfg)
+    wall = time.perf_counter() - started
+    rows = load_history(cfg.store.root / cfg.name / "metrics.jsonl")
+    headers = list_cache_headers(open_store((cfg.store.root / "artifacts").as_uri()), cfg.name)
+    lookahead = [(h["policy_step"], h["guide_step"] - h["policy_step"]) for h in headers]
+    reached = steps_to_threshold(rows, threshold)
+    ahead_before = sum(d for at, d in lookahead if reached is not None and at < reached)
+    return {
+        "history": rows,
+        "summary": summary,
+        "final": summary["final accuracy"],
+        "start": summary["warm-up accuracy"],
+        "steps_to_threshold": reached,
+        "compute_to_threshold": None if reached is None else reached + ahead_before,
+        "updates": max(r["step"] for r in rows),
+        "lookahead_steps": sum(d for _, d in lookahead),
+        "guidance_tokens": sum(h["stats"]["sampled_tokens"] for h in headers),
+        "total_compute": max(r["step"] for r in rows) + sum(d for _, d in lookahead),
+        "wall_s": wall,
+    }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.fmean(got) if len(got) == len(values) and got else None
+
+
+def table(results: dict[str, dict[int, dict[str, Any]]], threshold: float) -> str:
+    grpo = results.get("grpo", {})
+    lines = [
+        f"| method | start acc | final acc | steps to {threshold:.0%} | GRPO/method (steps) "
+        "| GRPO/method (compute) | updates + look-ahead | guidance tokens | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, by_seed in results.items():
+        seeds = sorted(by_seed)
+        rows = [by_seed[s] for s in seeds]
+        steps = _mean([r["steps_to_threshold"] for r in rows])
+        compute = _mean([r["compute_to_threshold"] for r in rows])
+        g_steps = _mean([grpo[s]["steps_to_threshold"] for s in seeds if s in grpo] or [None])
+        ratio = f"{g_steps / steps:.2f}" if steps and g_steps else "-"
+        c_ratio = f"{g_steps / compute:.2f}" if compute and g_steps else "-"
+        reached = sum(r["steps_to_threshold"] is not None for r in rows)
+        lines.append(
+            f"| {method} | {statistics.fmean(r['start'] for r in rows):.3f} "
+            f"| {statistics.fmean(r['final'] for r in rows):.3f} "
+            f"± {statistics.pstdev(r['final'] for r in rows):.3f} "
+            f"| {f'{steps:.1f}' if steps else f'{reached}/{len(rows)} reached'} | {ratio} "
+            f"| {c_ratio} | {statistics.fmean(r['total_compute'] for r in rows):.0f} "
+            f"| {statistics.fmean(r['guidance_tokens'] for r in rows):.0f} "
+            f"| {statistics.fmean(r['wall_s'] for r in rows):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/toy_grpo.yaml")
+    p.add_argument("--autonpo-config", default="configs/toy_autonpo.yaml")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--threshold", type=float, default=0.6)
+    p.add_argument("--warmup-target", type=float, default=0.15)
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value for every run")
+    args = p.parse_args()
+    methods = ["grpo", *[m for m in args.methods if m != "grpo"]]  # grpo owns the warm-up
+
+    results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
+    for seed in args.seeds:
+        for method in methods:
+            print(f"seed {seed} · {method} ...", flush=True)
+            results[method][seed] = measure(config(args, method, seed), args.threshold)
+    text = table(results, args.threshold)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_comparison(
+        args.out,
+        [
+            RunCurves(
+                f"{m} (seed {args.seeds[0]})",
+                r[args.seeds[0]]["history"],
+                r[args.seeds[0]]["summary"],
+            )
+            for m, r in results.items()
+        ],
+        title="NPO vs GRPO (first seed)",
+        threshold=args.threshold,
+    )
+    (args.out / "bench.md").write_text(text + "\n")
+    slim = {
+        m: {
+            s: {k: v for k, v in r.items() if k not in ("history", "summary")}
+            for s, r in by.items()
+        }
+        for m, by in results.items()
+    }
+    (args.out / "bench.json").write_text(json.dumps(slim, indent=2))
+    print(text)
+    print(f"\nwritten: {args.out}/bench.md, comparison.png, bench.json")
+
+
+if __name__ == "__main__":
+    main()

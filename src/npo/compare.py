@@ -1,0 +1,60 @@
+"""Several experiments side by side: run each (resumably), then one comparison report.
+
+    npo compare configs/toy_grpo.yaml configs/toy_autonpo.yaml --name toy
+
+Later configs reuse the first one's warm-up (`warmup.init_from`) unless they name their own,
+so every method starts from the same checkpoint 0. The report (`<root>/<name>/comparison.md`
+and `.png`) overlays eval accuracy and train reward per run, marks each run's interventions,
+and tabulates final/best accuracy, steps to a threshold and total updates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from npo.config import ExperimentConfig
+from npo.experiment import intervention_events, run_experiment
+from npo.report import load_history
+from npo.report_compare import RunCurves, write_comparison
+from npo.steps.context import ProgressFn, metadata_url
+from npo.store.metadata import MetadataDB
+
+
+def _events(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    with MetadataDB(metadata_url(cfg)) as db:
+        return intervention_events(db, cfg.name)
+
+
+def run_comparison(
+    configs: list[ExperimentConfig],
+    name: str,
+    threshold: float | None = None,
+    fresh: bool = False,
+    progress: ProgressFn | None = None,
+) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """Run every config, then write the comparison; returns (png, md, summaries)."""
+    if len({c.name for c in configs}) != len(configs):
+        raise ValueError("compare: every config needs its own name (set name: in each file)")
+    first = configs[0].name
+    curves, summaries = [], []
+    for cfg in configs:
+        if cfg.name != first and cfg.warmup.init_from is None:
+            cfg = cfg.model_copy(
+                update={"warmup": cfg.warmup.model_copy(update={"init_from": first})}
+            )
+        summary = run_experiment(cfg, fresh=fresh, progress=progress)
+        summaries.append(summary)
+        run_dir = cfg.store.root.resolve() / cfg.name
+        curves.append(
+            RunCurves(
+                label=f"{cfg.name} ({cfg.method})",
+                history=load_history(run_dir / "metrics.jsonl"),
+                summary=summary,
+                events=_events(cfg),
+            )
+        )
+    out = configs[0].store.root.resolve() / name
+    out.mkdir(parents=True, exist_ok=True)
+    png, md = write_comparison(out, curves, title=f"comparison · {name}", threshold=threshold)
+    return png, md, summaries

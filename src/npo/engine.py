@@ -1,0 +1,151 @@
+"""The RL phase of a run, by method: plain GRPO, NPO's manual schedules, AutoNPO.
+
+This is the local engine: it calls the pipeline steps (npo.steps) in the order the Kubeflow
+pipeline does. Every step is idempotent, so re-running after a crash replays the same
+decisions from the committed checkpoints, caches and history, and resumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npo.guidance.cache import GuidanceCache
+from npo.guidance.schedule import Segment, plan_segments
+from npo.steps.context import RunContext
+from npo.steps.detect_plateau import detect_plateau
+from npo.steps.generate_guidance import generate_guidance
+from npo.steps.rollback import (
+    Lineage,
+    NoRollbackCandidate,
+    checkpoint_at,
+    choose_rollback_distance,
+)
+from npo.steps.train_segment import train_segment
+from npo.tasks import Problem
+from npo.training.seeding import batch_indices
+from npo.training.state import fork_checkpoint
+
+
+def train(ctx: RunContext) -> None:
+    """Run the RL phase of `ctx.cfg.method` from checkpoint 0 to train.steps."""
+    if ctx.cfg.method == "autonpo":
+        run_autonpo(ctx)
+        return
+    for segment in plan_segments(ctx.cfg):
+        cache = prepare_guidance(ctx, segment) if segment.guide else None
+        phase = f"npo·{segment.guide.kind}" if segment.guide else ctx.cfg.method
+        train_segment(ctx, segment.start, segment.end, guidance=cache, phase=phase)
+
+
+def segment_problems(ctx: RunContext, start: int, end: int) -> list[Problem]:
+    """The training prompts of policy steps (start, end], each once, in order of use."""
+    pool, per_step = ctx.task.train_problems(), ctx.cfg.rollout.prompts_per_step
+    seen: dict[int, None] = {}
+    for step in range(start, end):
+        seen.update(dict.fromkeys(batch_indices(len(pool), per_step, step, ctx.cfg.seed)))
+    return [pool[i] for i in seen]
+
+
+def prepare_guidance(ctx: RunContext, segment: Segment) -> GuidanceCache:
+    """Look ahead on a branch (unless Δ=0), then cache the guide's trajectories."""
+    guide = segment.guide
+    assert guide is not None
+    guide_ref = (ctx.run_id, guide.branch_from)
+    if guide.lookahead > 0:
+        branch = ctx.branch(guide.branch)
+        fork_checkpoint(ctx.store, ctx.run_id, branch.run_id, guide.branch_from)
+        train_segment(branch, guide.branch_from, guide.guide_step, phase=f"{guide.kind}·ahead")
+        guide_ref = (branch.run_id, guide.guide_step)
+    cache = generate_guidance(
+        ctx,
+        cache_id=f"{ctx.run_id}.{guide.kind}{segment.start:06d}",
+        guide=guide_ref,
+        current=(ctx.run_id, guide.branch_from),
+        problems=segment_problems(ctx, segment.start, segment.end),
+        policy_step=segment.start,
+    )
+    ctx.db.record_intervention(
+        ctx.run_id,
+        guide.kind,
+        at_step=segment.start,
+        delta=guide.lookahead,
+        rollback_to=segment.start,
+        guide_step=guide.guide_step,
+        signals={},
+        s_table=[],
+    )
+    ctx.tracker.log_metrics(
+        {f"guide/{k}": v for k, v in cache.stats.items() if k != "seconds"}, step=segment.start
+    )
+    return cache
+
+
+def run_autonpo(ctx: RunContext) -> None:
+    """Train in windows of `autonpo.check_every`; after each, check for a plateau and, when
+    confirmed, roll back Δ* steps and replay that segment with guidance from the current
+    checkpoint on the mistake-pool prompts."""
+    acfg, steps = ctx.cfg.autonpo, ctx.cfg.train.steps
+    chain: Lineage = [(ctx.run_id, 0)]
+    lineage, t = ctx, 0
+    last: int | None = None
+    done = 0
+    while t < steps:
+        end = min(t + acfg.check_every, steps)
+        state = train_segment(lineage, t, end, phase="autonpo")
+        t, global_step = end, state["global_step"]
+        if t >= steps:
+            break
+        decision = detect_plateau(ctx, (lineage.run_id, t), global_step, last, done)
+        if not decision.intervene:
+            continue
+        try:
+            lineage, cache = _intervene(ctx, chain, t, global_step, done + 1, decision.signals)
+        except NoRollbackCandidate as e:  # nothing to score yet: keep training
+            ctx.tracker.set_tags({f"autonpo.skipped.{t}": str(e)})
+            continue
+        done += 1
+        last = global_step
+        train_segment(lineage, chain[-1][1], t, guidance=cache, phase="autonpo·replay")
+
+
+def _intervene(
+    ctx: RunContext, chain: Lineage, t: int, global_step: int, k: int, signals: dict[str, Any]
+) -> tuple[RunContext, GuidanceCache]:
+    """Choose Δ*, cache guidance from the current checkpoint, fork lineage k at t - Δ*."""
+    current = checkpoint_at(ctx, chain, t)
+    assert current is not None
+    choice = choose_rollback_distance(ctx, chain, t)
+    delta, back = choice["delta"], choice["rollback_to"]
+    pool = ctx.db.mistakes_by_step(ctx.root_id, until_step=t)
+    pooled = {pid for pids in pool.values() for pid in pids}
+    problems = [p for p in segment_problems(ctx, t - delta, t) if p.id in pooled]
+    cache = generate_guidance(
+        ctx,
+        f"{ctx.root_id}.auto{global_step:06d}",
+        guide=current,
+        current=back,
+        problems=problems,
+        policy_step=t - delta,
+    )
+    ctx.db.record_intervention(
+        ctx.root_id,
+        "auto",
+        at_step=t,
+        delta=delta,
+        rollback_to=t - delta,
+        guide_step=t,
+        signals=signals,
+        s_table=choice["table"],
+    )
+    ctx.tracker.log_metrics(
+        {
+            "autonpo/delta": float(delta),
+            "autonpo/rollback_to": float(t - delta),
+            **{f"guide/{k2}": v for k2, v in cache.stats.items() if k2 != "seconds"},
+        },
+        step=global_step,
+    )
+    lineage = ctx.lineage(k)
+    fork_checkpoint(ctx.store, back[0], lineage.run_id, t - delta, {"global_step": global_step})
+    chain.append((lineage.run_id, t - delta))
+    return lineage, cache
