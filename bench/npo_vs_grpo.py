@@ -10,9 +10,12 @@ through `warmup.init_from`), with the same data order and sampling seeds:
   autonpo         adaptive: plateau trigger, Δ* = argmax Q̂/V̂, rollback + guided replay
   delta0          control: npo-early-late's schedule, guide = the current checkpoint itself
                   (same k tries): separates "near future" from "best of k sampling"
+  luffy, rlep     (optional) the paper's baselines: a gold-solution teacher in every group
+                  (LUFFY-style shaping); replay from the finished GRPO run (RLEP-style)
 
-The warm-up stops at a low target accuracy (default 15%) so training starts in the sparse-
-reward regime where early guidance should matter. Compute counts every update of the run
+The warm-up stops at the toy's default target (40%, `--warmup-target`): below ~20% GRPO
+with the toy's learning rate does not move in 150 steps (and neither does a guide trained
+like it), so there is nothing for a near future to show. Compute counts every update of the run
 (replays included) plus look-ahead steps; guidance sampling is reported in tokens.
 
 Run:
@@ -35,6 +38,7 @@ from npo.experiment import run_experiment
 from npo.guidance.cache import list_cache_headers
 from npo.report import load_history
 from npo.report_compare import RunCurves, steps_to_threshold, write_comparison
+from npo.steps.context import is_branch
 from npo.store.artifacts import open_store
 
 METHODS: dict[str, list[str]] = {
@@ -49,7 +53,11 @@ METHODS: dict[str, list[str]] = {
         "npo.late.enabled=true",
         "npo.delta0_control=true",
     ],
+    # the paper's comparison sources (not in the default set: add with --methods)
+    "luffy": ["method=luffy"],
+    "rlep": ["method=rlep"],  # replays the same seed's finished GRPO run
 }
+DEFAULT = ["grpo", "npo-early", "npo-early-late", "npo-rolling", "autonpo", "delta0"]
 
 
 def config(args: argparse.Namespace, method: str, seed: int) -> ExperimentConfig:
@@ -63,6 +71,7 @@ def config(args: argparse.Namespace, method: str, seed: int) -> ExperimentConfig
         "tracking.enabled=false",
         "warmup.init_from=null" if method == "grpo" else f"warmup.init_from=s{seed}-grpo",
         *METHODS[method],
+        *([f"baselines.rlep_run=s{seed}-grpo"] if method == "rlep" else []),
         *args.set,
     ]
     return load_config(base, overrides)
@@ -73,8 +82,13 @@ def measure(cfg: ExperimentConfig, threshold: float) -> dict[str, Any]:
     summary = run_experiment(cfg)
     wall = time.perf_counter() - started
     rows = load_history(cfg.store.root / cfg.name / "metrics.jsonl")
-    headers = list_cache_headers(open_store((cfg.store.root / "artifacts").as_uri()), cfg.name)
-    lookahead = [(h["policy_step"], h["guide_step"] - h["policy_step"]) for h in headers]
+    store = open_store((cfg.store.root.resolve() / "artifacts").as_uri())
+    headers = list_cache_headers(store, cfg.name)
+    lookahead = [
+        (h["policy_step"], h["guide_step"] - h["policy_step"])
+        for h in headers
+        if is_branch(cfg.name, h["guide_run_id"])
+    ]
     reached = steps_to_threshold(rows, threshold)
     ahead_before = sum(d for at, d in lookahead if reached is not None and at < reached)
     return {
@@ -129,23 +143,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/toy_grpo.yaml")
     p.add_argument("--autonpo-config", default="configs/toy_autonpo.yaml")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=DEFAULT, choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--threshold", type=float, default=0.6)
-    p.add_argument("--warmup-target", type=float, default=0.15)
+    p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--warmup-target", type=float, default=0.4)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--set", nargs="*", default=[], help="extra key=value for every run")
     args = p.parse_args()
     methods = ["grpo", *[m for m in args.methods if m != "grpo"]]  # grpo owns the warm-up
 
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
+    args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for method in methods:
             print(f"seed {seed} · {method} ...", flush=True)
             results[method][seed] = measure(config(args, method, seed), args.threshold)
+            # the table so far, so an interrupted bench still leaves its numbers
+            done = {m: r for m, r in results.items() if r}
+            (args.out / "bench.md").write_text(table(done, args.threshold) + "\n")
     text = table(results, args.threshold)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_comparison(
         args.out,
         [

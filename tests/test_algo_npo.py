@@ -205,3 +205,32 @@ def test_offpolicy_stats_empty_without_guide_tokens():
     # a guide row with no response token is empty too
     row_mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
     assert offpolicy_stats(logp, logp, adv, row_mask, torch.tensor([False, True])) == {}
+
+
+def test_policy_loss_shaped_rows_use_luffy_objective() -> None:
+    from npo.algo import policy_loss
+    from npo.config import LossAgg
+
+    # Row 0: PPO token with ratio 1 and A=1 -> loss -1. Row 1: teacher token with
+    # pi = 0.5, A = 2, gamma = 0.1 -> loss -2 * 0.5 / 0.6. Token-mean over the 2 tokens.
+    logp = torch.log(torch.tensor([[0.3], [0.5]])).requires_grad_()
+    old = logp.detach().clone()
+    adv = torch.tensor([1.0, 2.0])
+    mask = torch.ones(2, 1)
+    loss, m = policy_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        0.2,
+        0.28,
+        LossAgg.token_mean,
+        shaped_rows=torch.tensor([False, True]),
+        shaping_gamma=0.1,
+    )
+    assert loss.item() == pytest.approx((-1.0 - 2 * 0.5 / 0.6) / 2)
+    loss.backward()
+    # d/dlogp of -A w/(w+g) = -A g w/(w+g)^2, halved by the token-mean
+    assert logp.grad[1, 0].item() == pytest.approx(-2 * 0.1 * 0.5 / 0.6**2 / 2)
+    assert logp.grad[0, 0].item() == pytest.approx(-1.0 / 2)
+    assert m["actor/ratio_mean"] == pytest.approx(1.0)  # ratio stats: the PPO row only

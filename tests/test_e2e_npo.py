@@ -106,3 +106,73 @@ def test_delta0_control_uses_the_current_checkpoint(tmp_path: Path) -> None:
     for h in headers:  # the guide is the current policy: no accuracy gap by construction
         assert h["stats"]["accuracy_gap"] == 0.0
     assert not list(store.list("runs/npo.rolling"))  # no look-ahead branch was trained
+
+
+def test_baselines_luffy_and_rlep(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    train = {"eval_every": 2, "checkpoint_every": 2, "threads": 1}
+    far = write_tiny_config(tmp_path / "far.yaml", root, "far", 6, train=train)
+    run_experiment(load_config(far))  # the finished run RLEP replays from
+
+    shared = {"train": train, "warmup": {"init_from": "far"}}
+    luffy = write_tiny_config(tmp_path / "l.yaml", root, "luffy", 4, method="luffy", **shared)
+    run_experiment(load_config(luffy))
+    rows = load_history(root / "luffy" / "metrics.jsonl")
+    assert rows[0] == load_history(root / "far" / "metrics.jsonl")[0]  # same warm-up
+    assert [r["npo/guided_frac"] for r in rows[1:]] == [1.0] * 4  # a teacher in every group
+    assert all(r["npo/guide_adv_mean"] >= 0 for r in rows[1:])  # gold answers never lose
+
+    rlep = write_tiny_config(
+        tmp_path / "r.yaml",
+        root,
+        "rlep",
+        4,
+        method="rlep",
+        baselines={"rlep_run": "far", "rlep_every": 2},
+        **shared,
+    )
+    run_experiment(load_config(rlep))
+    store = open_store((root / "artifacts").as_uri())
+    headers = list_cache_headers(store, "rlep")
+    assert [(h["guide_run_id"], h["guide_step"], h["policy_step"]) for h in headers] == [
+        ("far", 6, 0),
+        ("far", 6, 2),
+    ]
+    rows = load_history(root / "rlep" / "metrics.jsonl")
+    assert [r["npo/gated_frac"] for r in rows[1:]] == [1.0] * 4  # gate 2.0: every group
+
+
+def test_exgrpo_pool_survives_a_resume(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    cfg_path = write_tiny_config(
+        tmp_path / "ex.yaml",
+        root,
+        "ex",
+        6,
+        method="exgrpo",
+        train={"eval_every": 3, "checkpoint_every": 1, "threads": 1},
+        # a pool fills only from partly solved prompts: let the toy warm up enough for some
+        warmup={"steps": 150, "lr": 3e-3, "target_accuracy": None},
+    )
+    cfg = load_config(cfg_path)
+    run_experiment(cfg)
+    rows = load_history(root / "ex" / "metrics.jsonl")
+    drawn = [r["npo/gated_frac"] for r in rows[1:]]  # share of groups drawn from the pool
+    assert drawn[0] == 0.0  # step 1: the pool is still empty
+    assert 0.0 < drawn[-1] <= 0.5  # by step 6 it replays past successes (at most half)
+    assert all(r["npo/guided_frac"] == r["npo/gated_frac"] for r in rows[1:])
+
+    # The pool is stored inside every checkpoint (covered by the manifest). Resuming from
+    # checkpoint 5 must give the same step 6, whose draw needs the pool of steps 1..5.
+    from npo.store.checkpoint import read_manifest
+
+    store = open_store((root / "artifacts").as_uri())
+    assert "extra/experience.parquet" in read_manifest(store, "ex", 5)["files"]
+    store.delete_prefix("runs/ex/ckpt/000006/")
+    run_experiment(cfg)
+    again = load_history(root / "ex" / "metrics.jsonl")
+
+    def strip(rs: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
+
+    assert strip(again) == strip(rows)

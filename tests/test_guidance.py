@@ -16,6 +16,7 @@ from npo.guidance.cache import (
 )
 from npo.guidance.inject import inject_guidance
 from npo.guidance.schedule import Guide, Segment, plan_segments
+from npo.guidance.sources import CachedGuidance, GoldTeacher
 from npo.rollout import RolloutBatch
 from npo.store.artifacts import LocalStore
 from npo.tasks import Problem
@@ -51,7 +52,8 @@ def test_gated_cached_groups_get_the_guide_in_the_last_slot() -> None:
     # group 0: pass 0/3 (gated, cached) -> replaced; group 1: 2/3 >= 0.6 -> kept;
     # group 2: 0/3 gated but not cached -> kept.
     rewards = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
-    mixed = inject_guidance(_batch(3, 3), rewards, _problems(3), _cache("p0", "p1"), 0.6, PAD)
+    pick = CachedGuidance(_cache("p0", "p1"), 0.6).pick(_problems(3), rewards)
+    mixed = inject_guidance(_batch(3, 3), rewards, pick, PAD)
 
     assert mixed.gated.tolist() == [True, False, True]
     assert mixed.replaced.tolist() == [True, False, False]
@@ -75,15 +77,18 @@ def test_gated_cached_groups_get_the_guide_in_the_last_slot() -> None:
 
 def test_shorter_guide_row_is_padded() -> None:
     batch = _batch(1, 2, width=5)
-    mixed = inject_guidance(batch, torch.zeros(1, 2), _problems(1), _cache("p0"), 0.6, PAD)
+    rewards = torch.zeros(1, 2)
+    pick = CachedGuidance(_cache("p0"), 0.6).pick(_problems(1), rewards)
+    mixed = inject_guidance(batch, rewards, pick, PAD)
     assert mixed.batch.response_ids[1].tolist() == [4, 5, 2, PAD, PAD]
     assert mixed.batch.response_mask[1].tolist() == [1, 1, 1, 0, 0]
     assert mixed.batch.logprobs[1, 3:].tolist() == [0.0, 0.0]
 
 
 def test_inject_rejects_mismatched_shapes() -> None:
+    pick = CachedGuidance(_cache(), 0.6).pick(_problems(3), torch.zeros(3, 3))
     with pytest.raises(ValueError, match="does not match"):
-        inject_guidance(_batch(2, 3), torch.zeros(3, 3), _problems(3), _cache(), 0.6, PAD)
+        inject_guidance(_batch(2, 3), torch.zeros(3, 3), pick, PAD)
 
 
 def test_cache_payload_round_trip(tmp_path) -> None:
@@ -144,3 +149,57 @@ def test_main_line_vs_branches() -> None:
     assert not is_main_line("run", "run.rolling000025")  # a look-ahead branch
     assert not is_main_line("run", "run.late000100")
     assert not is_main_line("run", "other.r1")
+    from npo.steps.context import is_branch
+
+    assert is_branch("run", "run.late000100") and not is_branch("run", "run.r2")
+    assert not is_branch("run", "far")  # RLEP's finished source run is not our compute
+
+
+def test_gold_teacher_guides_every_group_with_the_gold_response() -> None:
+    from npo.policy import build_char_tokenizer
+
+    tok = build_char_tokenizer("0123456789+=")
+    problems = [
+        Problem(id="a", prompt="1+2=", answer="3", target="3"),
+        Problem(id="b", prompt="5+6=", answer="11", target="11"),
+    ]
+    teacher = GoldTeacher(tok)
+    pick = teacher.pick(problems, torch.ones(2, 4))  # even all-correct groups: no gate
+    assert teacher.shaped and pick.gated.tolist() == [True, True]
+    b = pick.replacements[1]
+    assert b.response_ids == [*tok("11", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert b.logprobs == [0.0, 0.0, 0.0]  # behaviour probability 1
+    assert b.text == "11" and b.reward == 1.0
+
+
+def test_experience_replay_pool_select_pick_and_state() -> None:
+    from npo.guidance.sources import ExperienceReplay
+
+    problems = _problems(4)
+    source = ExperienceReplay({p.id: p for p in problems}, seed=0, fraction=0.5)
+    assert source.select(problems, step=1) == problems  # empty pool: all fresh
+    assert source.pick(problems, torch.zeros(4, 3)).replacements == {}
+
+    # p0 partially solved (row 1 correct) -> stored; p1 all correct -> not stored;
+    # p2 all wrong -> not stored; p3 partial (row 2) -> stored.
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    batch = _batch(4, 3)
+    batch.response_ids[1] = torch.tensor([3, 2])
+    source.observe(problems, batch, rewards)
+    assert sorted(source.pool) == ["p0", "p3"]
+    assert source.pool["p0"].response_ids == [3, 2] and source.pool["p0"].text == "r1"
+    assert source.pool["p0"].logprobs == pytest.approx([-0.5, -0.5])
+
+    chosen = source.select(problems, step=2)
+    assert chosen[:2] == problems[:2]  # half stay fresh
+    assert sorted(p.id for p in chosen[2:]) == ["p0", "p3"]  # half from the pool
+    pick = source.pick(chosen, torch.zeros(4, 3))
+    assert sorted(pick.replacements) == [2, 3] and pick.gated.tolist() == [False, False, True, True]
+    assert source.select(problems, step=2) == chosen  # seeded by the step
+
+    source.observe(problems[:1], _batch(1, 3), torch.ones(1, 3))  # p0 now fully solved
+    assert sorted(source.pool) == ["p3"]
+    files = source.state_files()
+    again = ExperienceReplay({p.id: p for p in problems}, seed=0)
+    again.restore(files)
+    assert again.pool == source.pool

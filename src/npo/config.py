@@ -254,6 +254,22 @@ class AutoNPOConfig(_Strict):
         return self
 
 
+class BaselinesConfig(_Strict):
+    luffy_gamma: float = Field(
+        0.1, gt=0, description="LUFFY: teacher tokens are weighted f(w) = w / (w + γ)."
+    )
+    rlep_run: str | None = Field(
+        None, description="RLEP: the finished run (same store) whose last checkpoint replays."
+    )
+    rlep_every: int = Field(25, ge=1, description="RLEP: replay cache per window of W steps.")
+    rlep_gate: float = Field(
+        2.0, ge=0, description="RLEP: pass-rate gate of the replay slot (> 1: every group)."
+    )
+    exgrpo_fraction: float = Field(
+        0.5, gt=0, le=1, description="ExGRPO: share of each step's prompts drawn from the pool."
+    )
+
+
 # --------------------------------------------------------------------------- storage
 class StoreConfig(_Strict):
     root: Path = Field(Path("runs"), description="Local folder for runs (reports, SQLite, MLflow).")
@@ -288,7 +304,12 @@ class ExperimentConfig(_Strict):
         description="Run name (letters, digits, _ and -; branches add .<suffix>).",
     )
     seed: int = Field(0, description="Seed of model init, sampling and data order.")
-    method: Literal["grpo", "npo", "autonpo"] = Field("grpo", description="Training method.")
+    method: Literal["grpo", "npo", "autonpo", "luffy", "exgrpo", "rlep"] = Field(
+        "grpo",
+        description="grpo; npo (manual schedules); autonpo; the paper's baselines: luffy "
+        "(gold-solution teacher in every group), exgrpo (own-past replay), rlep (replay "
+        "from a finished run).",
+    )
     task: TaskConfig = Field(default_factory=ArithmeticTaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
@@ -297,6 +318,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     npo: NPOConfig = Field(default_factory=NPOConfig)
     autonpo: AutoNPOConfig = Field(default_factory=AutoNPOConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -318,6 +340,8 @@ class ExperimentConfig(_Strict):
             )
         if self.method == "npo":
             self._check_npo()
+        if self.method == "rlep" and not self.baselines.rlep_run:
+            raise ValueError("method rlep needs baselines.rlep_run: a finished run to replay")
         return self
 
     def _check_npo(self) -> None:

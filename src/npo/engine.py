@@ -7,11 +7,13 @@ decisions from the committed checkpoints, caches and history, and resumes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from npo.guidance.cache import GuidanceCache
 from npo.guidance.schedule import Segment, plan_segments
-from npo.steps.context import RunContext
+from npo.guidance.sources import CachedGuidance, ExperienceReplay, GoldTeacher
+from npo.steps.context import RunConflict, RunContext
 from npo.steps.detect_plateau import detect_plateau
 from npo.steps.generate_guidance import generate_guidance
 from npo.steps.rollback import (
@@ -21,20 +23,59 @@ from npo.steps.rollback import (
     choose_rollback_distance,
 )
 from npo.steps.train_segment import train_segment
+from npo.store.checkpoint import latest_checkpoint
 from npo.tasks import Problem
 from npo.training.seeding import batch_indices
-from npo.training.state import fork_checkpoint
+from npo.training.state import fork_checkpoint, load_train_state
 
 
 def train(ctx: RunContext) -> None:
     """Run the RL phase of `ctx.cfg.method` from checkpoint 0 to train.steps."""
-    if ctx.cfg.method == "autonpo":
-        run_autonpo(ctx)
-        return
+    METHODS[ctx.cfg.method](ctx)
+
+
+def run_schedule(ctx: RunContext) -> None:
+    """GRPO, or NPO's manual schedules: guided segments get a look-ahead guide first."""
+    gate = ctx.cfg.npo.guidance.gate
     for segment in plan_segments(ctx.cfg):
-        cache = prepare_guidance(ctx, segment) if segment.guide else None
+        source = CachedGuidance(prepare_guidance(ctx, segment), gate) if segment.guide else None
         phase = f"npo·{segment.guide.kind}" if segment.guide else ctx.cfg.method
-        train_segment(ctx, segment.start, segment.end, guidance=cache, phase=phase)
+        train_segment(ctx, segment.start, segment.end, source=source, phase=phase)
+
+
+def run_luffy(ctx: RunContext) -> None:
+    """LUFFY-style external teacher: the gold solution takes slot G of every group."""
+    tokenizer = load_train_state(ctx.store, ctx.run_id, 0, ctx.cfg.model.dtype).tokenizer
+    source = GoldTeacher(tokenizer)
+    train_segment(ctx, 0, ctx.cfg.train.steps, source=source, phase="luffy")
+
+
+def run_exgrpo(ctx: RunContext) -> None:
+    """ExGRPO-style own-past replay: half of each batch from the run's experience pool."""
+    problems = {p.id: p for p in ctx.task.train_problems()}
+    source = ExperienceReplay(problems, ctx.cfg.seed, ctx.cfg.baselines.exgrpo_fraction)
+    train_segment(ctx, 0, ctx.cfg.train.steps, source=source, phase="exgrpo")
+
+
+def run_rlep(ctx: RunContext) -> None:
+    """RLEP-style far-future replay: each window's prompts get a verified trajectory from
+    the last checkpoint of a finished run (no look-ahead: that run is already done)."""
+    base, steps = ctx.cfg.baselines, ctx.cfg.train.steps
+    assert base.rlep_run is not None
+    final = latest_checkpoint(ctx.store, base.rlep_run)
+    if final is None:
+        raise RunConflict(f"baselines.rlep_run={base.rlep_run}: no checkpoint in the store")
+    for t in range(0, steps, base.rlep_every):
+        end = min(t + base.rlep_every, steps)
+        cache = generate_guidance(
+            ctx,
+            f"{ctx.run_id}.rlep{t:06d}",
+            guide=(base.rlep_run, final),
+            current=(ctx.run_id, t),
+            problems=segment_problems(ctx, t, end),
+            policy_step=t,
+        )
+        train_segment(ctx, t, end, source=CachedGuidance(cache, base.rlep_gate), phase="rlep")
 
 
 def segment_problems(ctx: RunContext, start: int, end: int) -> list[Problem]:
@@ -105,7 +146,8 @@ def run_autonpo(ctx: RunContext) -> None:
             continue
         done += 1
         last = global_step
-        train_segment(lineage, chain[-1][1], t, guidance=cache, phase="autonpo·replay")
+        source = CachedGuidance(cache, ctx.cfg.npo.guidance.gate)
+        train_segment(lineage, chain[-1][1], t, source=source, phase="autonpo·replay")
 
 
 def _intervene(
@@ -130,7 +172,7 @@ def _intervene(
     ctx.db.record_intervention(
         ctx.root_id,
         "auto",
-        at_step=t,
+        at_step=global_step,  # unique even when a later rollback revisits policy step t
         delta=delta,
         rollback_to=t - delta,
         guide_step=t,
@@ -149,3 +191,13 @@ def _intervene(
     fork_checkpoint(ctx.store, back[0], lineage.run_id, t - delta, {"global_step": global_step})
     chain.append((lineage.run_id, t - delta))
     return lineage, cache
+
+
+METHODS: dict[str, Callable[[RunContext], None]] = {
+    "grpo": run_schedule,
+    "npo": run_schedule,
+    "autonpo": run_autonpo,
+    "luffy": run_luffy,
+    "exgrpo": run_exgrpo,
+    "rlep": run_rlep,
+}

@@ -17,7 +17,7 @@ from npo.config import ExperimentConfig, public_dump
 from npo.engine import train
 from npo.guidance.cache import list_cache_headers
 from npo.report import load_history, write_report
-from npo.steps.context import ProgressFn, RunContext, is_main_line, open_run
+from npo.steps.context import ProgressFn, RunContext, is_branch, open_run
 from npo.steps.warmup import warmup
 from npo.store.metadata import MetadataDB
 
@@ -49,11 +49,12 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
         return sum(vals) / len(vals)
 
     guides = list_cache_headers(ctx.store, ctx.run_id)
-    # Look-ahead branches are extra compute; AutoNPO's replays are already in the updates.
+    # Look-ahead branches are extra compute; AutoNPO's replays are already in the updates,
+    # and another finished run (RLEP's source) is not this run's compute.
     lookahead = sum(
         g["guide_step"] - g["policy_step"]
         for g in guides
-        if not is_main_line(ctx.run_id, g["guide_run_id"])
+        if is_branch(ctx.run_id, g["guide_run_id"])
     )
     npo_rows: dict[str, Any] = {}
     if guides:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from npo.algo.npo import luffy_shaped_loss
 from npo.config import KLEstimator, LossAgg
 
 # exp(±20) ≈ 4.9e8: large enough to never bind on sane policies, small enough that k3 and
@@ -82,6 +83,8 @@ def policy_loss(
     clip_high: float,
     agg: LossAgg | str = LossAgg.token_mean,
     is_weights: Tensor | None = None,
+    shaped_rows: Tensor | None = None,
+    shaping_gamma: float = 0.1,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate with decoupled clip bounds; returns (loss, metrics).
 
@@ -90,6 +93,9 @@ def policy_loss(
     advantages: [B] (one per sequence, broadcast over tokens) or [B, T].
     mask: [B, T] response tokens. is_weights: optional [B, T] factors multiplied into the
     per-token loss (gradient flows through them if they carry grad).
+    shaped_rows: optional [B] bool: those rows (LUFFY's teacher trajectories) use the shaped
+    objective -A·f(π_θ), f(w) = w/(w + shaping_gamma), instead of the clipped ratio
+    (`npo.algo.npo.luffy_shaped_loss`); the ratio metrics then cover the other rows only.
     -> loss: scalar, aggregated with `agg_loss(·, mask, agg)`;
        metrics (python floats, token-means over the mask):
        actor/pg_loss, actor/pg_clipfrac (share of tokens where the clipped branch is the
@@ -113,6 +119,11 @@ def policy_loss(
     per_token = torch.maximum(unclipped, clipped)
     if is_weights is not None:
         per_token = per_token * is_weights
+    if shaped_rows is not None:
+        rows = shaped_rows.bool().unsqueeze(-1)
+        shaped = luffy_shaped_loss(logp, advantages, mask, shaping_gamma)
+        per_token = torch.where(rows, shaped, per_token)
+        m = m & ~rows  # ratio statistics: the PPO rows only
     loss = agg_loss(per_token, mask, agg)
 
     with torch.no_grad():
@@ -122,7 +133,7 @@ def policy_loss(
             [
                 loss.detach(),
                 ((clipped > unclipped) & m).sum() / n,
-                -log_ratio.sum() / n,
+                -torch.where(m, log_ratio, 0.0).sum() / n,
                 masked_ratio.sum() / n,
                 masked_ratio.max() if masked_ratio.numel() else ratio.new_zeros(()),
             ]

@@ -240,33 +240,28 @@ class PgServer:
         )
         return url.render_as_string(hide_password=False)
 
-    def _admin(self, *statements: str) -> None:
-        """Run ``statements`` as the superuser, in one session, each in autocommit."""
+    def _superuser(self, autocommit: bool = False):  # -> psycopg.Connection
         import psycopg
 
-        with psycopg.connect(
+        return psycopg.connect(
             host=HOST,
             port=self.port,
             user=SUPERUSER,
             password=self.superuser_password,
             dbname="postgres",
-            autocommit=True,  # CREATE/DROP DATABASE cannot run inside a transaction
+            autocommit=autocommit,
             connect_timeout=10,
-        ) as conn:
+        )
+
+    def _admin(self, *statements: str) -> None:
+        """Run ``statements`` as the superuser, in one session, each in autocommit."""
+        # autocommit: CREATE/DROP DATABASE cannot run inside a transaction
+        with self._superuser(autocommit=True) as conn:
             for sql in statements:
                 conn.execute(sql)
 
     def database_exists(self, name: str) -> bool:
-        import psycopg
-
-        with psycopg.connect(
-            host=HOST,
-            port=self.port,
-            user=SUPERUSER,
-            password=self.superuser_password,
-            dbname="postgres",
-            connect_timeout=10,
-        ) as conn:
+        with self._superuser() as conn:
             row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         return row is not None
 

@@ -66,6 +66,18 @@ def payload_key(run_id: str, cache_id: str) -> str:
 
 def save_cache(store: ArtifactStore, run_id: str, cache: GuidanceCache) -> str:
     """Write the cache as one parquet object (atomic per object); returns its key."""
+    key = payload_key(run_id, cache.cache_id)
+    store.put_bytes(key, cache_to_bytes(cache))
+    return key
+
+
+def load_cache(store: ArtifactStore, run_id: str, cache_id: str) -> GuidanceCache:
+    """Read a cache written by `save_cache`."""
+    return cache_from_bytes(store.get_bytes(payload_key(run_id, cache_id)))
+
+
+def cache_to_bytes(cache: GuidanceCache) -> bytes:
+    """The cache as parquet: one row per prompt, the header in the schema metadata."""
     rows = [asdict(t) for t in cache.entries.values()]
     schema = pa.schema(
         [
@@ -80,14 +92,11 @@ def save_cache(store: ArtifactStore, run_id: str, cache: GuidanceCache) -> str:
     table = pa.Table.from_pylist(rows, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    key = payload_key(run_id, cache.cache_id)
-    store.put_bytes(key, buf.getvalue())
-    return key
+    return buf.getvalue()
 
 
-def load_cache(store: ArtifactStore, run_id: str, cache_id: str) -> GuidanceCache:
-    """Read a cache written by `save_cache`."""
-    table = pq.read_table(io.BytesIO(store.get_bytes(payload_key(run_id, cache_id))))
+def cache_from_bytes(data: bytes) -> GuidanceCache:
+    table = pq.read_table(io.BytesIO(data))
     header = json.loads(table.schema.metadata[b"npo"])
     entries = {
         row["prompt_id"]: GuideTrajectory(

@@ -1,9 +1,8 @@
-"""Put guide trajectories into on-policy groups (NPO step 3).
+"""Put off-policy trajectories into on-policy groups (NPO step 3, and the baselines).
 
-For each prompt whose on-policy pass rate is below the gate and which has a cached guide
-trajectory, slot G of its group (the last row) is replaced by that trajectory. Advantages are
-then computed over the mixed group as usual; the guide row carries the guide's behaviour
-log-probs for the optional importance-sampling correction.
+A source (`npo.guidance.sources`) picks the groups and trajectories; slot G of each picked
+group (the last row) is replaced. Advantages are then computed over the mixed group as
+usual; the replaced row carries its behaviour log-probs for the optional IS correction.
 """
 
 from __future__ import annotations
@@ -12,10 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from npo.algo.npo import guidance_gate, mix_group_rewards, pass_rates
-from npo.guidance.cache import GuidanceCache
+from npo.algo.npo import mix_group_rewards
+from npo.guidance.sources import Pick
 from npo.rollout import RolloutBatch
-from npo.tasks import Problem
 
 
 @dataclass
@@ -39,21 +37,15 @@ def _widen(x: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
 
 
 def inject_guidance(
-    batch: RolloutBatch,
-    rewards: torch.Tensor,
-    problems: list[Problem],
-    cache: GuidanceCache,
-    gate: float,
-    pad_id: int,
+    batch: RolloutBatch, rewards: torch.Tensor, pick: Pick, pad_id: int
 ) -> MixedGroups:
-    """Replace the last slot of each gated, cached group. rewards [N, G], batch rows N*G."""
+    """Replace the last slot of each picked group. rewards [N, G], batch rows N*G."""
     n, g = rewards.shape
-    if len(batch) != n * g or len(problems) != n:
+    if len(batch) != n * g or len(pick.gated) != n:
         raise ValueError(f"batch of {len(batch)} rows does not match {n} groups of {g}")
-    has_guide = torch.tensor([p.id in cache for p in problems], dtype=torch.bool)
-    gated = guidance_gate(pass_rates(rewards), torch.ones(n, dtype=torch.bool), gate)
-    replaced = gated & has_guide
-    guides = {i: cache.entries[problems[i].id] for i in replaced.nonzero().flatten().tolist()}
+    guides = pick.replacements
+    replaced = torch.zeros(n, dtype=torch.bool)
+    replaced[list(guides)] = True
 
     width = max([batch.response_ids.shape[1], *(len(t.response_ids) for t in guides.values())])
     ids = _widen(batch.response_ids, width, pad_id)
@@ -87,6 +79,6 @@ def inject_guidance(
         batch=mixed,
         rewards=mix_group_rewards(rewards, replaced, guide_reward),
         is_guide=is_guide,
-        gated=gated,
+        gated=pick.gated,
         replaced=replaced,
     )

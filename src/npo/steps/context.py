@@ -101,6 +101,11 @@ def is_main_line(root_id: str, run_id: str) -> bool:
     return re.fullmatch(rf"{re.escape(root_id)}(\.r\d+)?", run_id) is not None
 
 
+def is_branch(root_id: str, run_id: str) -> bool:
+    """True for the run's own look-ahead branches (extra compute of this run)."""
+    return run_id.startswith(f"{root_id}.") and not is_main_line(root_id, run_id)
+
+
 def metadata_url(cfg: ExperimentConfig) -> str:
     """NPO_METADATA_URL (from a Secret), else the config's URL, else SQLite under root."""
     url = os.environ.get("NPO_METADATA_URL") or cfg.store.metadata_url

@@ -19,8 +19,8 @@ from transformers import PreTrainedModel
 
 from npo.algo import compute_advantages, zero_variance_fraction
 from npo.algo.npo import offpolicy_stats, old_logprobs_for_mix, pass_rates
-from npo.guidance.cache import GuidanceCache
 from npo.guidance.inject import inject_guidance
+from npo.guidance.sources import TrajectorySource
 from npo.rollout import RolloutBatch, sample
 from npo.steps.context import RunContext
 from npo.steps.evaluate import evaluate_policy
@@ -66,24 +66,27 @@ def _record_mistakes(
         ctx.db.record_mistakes(ctx.root_id, step, failed)
 
 
-def _mix_in_guidance(
+def _mix_in(
     ctx: RunContext,
     model: PreTrainedModel,
     batch: RolloutBatch,
     rewards: torch.Tensor,
     problems: list[Problem],
-    guidance: GuidanceCache,
+    source: TrajectorySource,
     pad_id: int,
-) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, dict[str, float]]:
-    """NPO: swap guide rows into gated groups; returns batch, rewards, pi_old, metrics."""
-    gcfg, temperature = ctx.cfg.npo.guidance, ctx.cfg.rollout.temperature
-    mixed = inject_guidance(batch, rewards, problems, guidance, gcfg.gate, pad_id)
+) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Swap the source's rows into its groups; returns batch, rewards, pi_old, guide rows,
+    metrics."""
+    temperature = ctx.cfg.rollout.temperature
+    mixed = inject_guidance(batch, rewards, source.pick(problems, rewards), pad_id)
     current = sequence_logprobs(model, mixed.batch, temperature)
+    # Shaped (LUFFY) rows do not use a ratio; NPO rows use the guide's log-probs if IS is on.
+    importance_sampling = ctx.cfg.npo.guidance.importance_sampling and not source.shaped
     old = old_logprobs_for_mix(
         current,
         mixed.batch.logprobs.to(current.device),
         mixed.is_guide.to(current.device),
-        gcfg.importance_sampling,
+        importance_sampling,
     )
     advantages = compute_advantages(ctx.cfg.algo.adv_estimator, mixed.rewards).reshape(-1)
     metrics = {
@@ -97,17 +100,18 @@ def _mix_in_guidance(
             mixed.is_guide.to(current.device),
         ),
     }
-    return mixed.batch, mixed.rewards, old, metrics
+    return mixed.batch, mixed.rewards, old, mixed.is_guide, metrics
 
 
 def train_segment(
     ctx: RunContext,
     start_step: int,
     end_step: int,
-    guidance: GuidanceCache | None = None,
+    source: TrajectorySource | None = None,
     phase: str = "grpo",
 ) -> dict[str, Any]:
-    """Train policy steps start_step+1 .. end_step (with NPO guidance when given).
+    """Train policy steps start_step+1 .. end_step; with a `source` (NPO guidance, a LUFFY
+    teacher, an RLEP replay) its trajectories take slot G of the groups it picks.
 
     Returns the loop state at end_step: policy_step, global_step, phase, ...
     """
@@ -124,6 +128,8 @@ def train_segment(
     if algo.kl_coef > 0:
         # The reference is the warm-up policy of the experiment (branches included).
         ref_model = load_train_state(ctx.store, ctx.root_id, 0, cfg.model.dtype).model.eval()
+    if source is not None:
+        source.restore(loaded.extra)
     state = dict(loaded.state)
     if step < end_step:  # resuming mid-segment: rows past the checkpoint died with a crash
         truncate_history(ctx, state["global_step"])
@@ -143,6 +149,8 @@ def train_segment(
             group["lr"] = lr
         idx = batch_indices(len(train), ro.prompts_per_step, step - 1, cfg.seed)
         problems = [train[i] for i in idx]
+        if source is not None:
+            problems = source.select(problems, step)
         batch = sample(
             model,
             tokenizer,
@@ -152,6 +160,7 @@ def train_segment(
             max_new_tokens=ro.max_new_tokens,
         )
         t_rollout = time.perf_counter() - t0
+        sampled_tokens = batch.num_response_tokens
         verdicts = ctx.task.verify_batch(
             [problems[i] for i in batch.prompt_index.tolist()], batch.texts
         )
@@ -160,14 +169,26 @@ def train_segment(
         if cfg.method == "autonpo":
             _record_mistakes(ctx, step, problems, rewards)
         t1 = time.perf_counter()
-        old, extra = None, {}
-        if guidance is not None:
-            batch, rewards, old, extra = _mix_in_guidance(
-                ctx, model, batch, rewards, problems, guidance, tokenizer.pad_token_id
+        old, shaped, extra = None, None, {}
+        if source is not None:
+            sampled, sampled_rewards = batch, rewards
+            batch, rewards, old, guide_rows, extra = _mix_in(
+                ctx, model, batch, rewards, problems, source, tokenizer.pad_token_id
             )
+            source.observe(problems, sampled, sampled_rewards)  # after its pick: no self-replay
+            shaped = guide_rows if source.shaped else None
         advantages = compute_advantages(algo.adv_estimator, rewards, algo.adv_eps).reshape(-1)
         metrics = ppo_update(
-            model, optimizer, batch, advantages, algo, ro.temperature, ref_model, old_logprobs=old
+            model,
+            optimizer,
+            batch,
+            advantages,
+            algo,
+            ro.temperature,
+            ref_model,
+            old_logprobs=old,
+            shaped_rows=shaped,
+            shaping_gamma=cfg.baselines.luffy_gamma,
         )
         t_train = time.perf_counter() - t1
         tokens = batch.num_response_tokens + int(batch.prompt_mask.sum())
@@ -175,7 +196,7 @@ def train_segment(
         metrics |= {
             "actor/lr": lr,
             "perf/step_time_s": time.perf_counter() - t0,
-            "perf/rollout_tokens_per_s": batch.num_response_tokens / max(t_rollout, 1e-9),
+            "perf/rollout_tokens_per_s": sampled_tokens / max(t_rollout, 1e-9),
             "perf/train_tokens_per_s": tokens * algo.ppo_epochs / max(t_train, 1e-9),
         }
         state["global_step"] += 1
@@ -187,7 +208,14 @@ def train_segment(
             state["phase"] = phase
             state["data_cursor"] = step * ro.prompts_per_step
             manifest = save_train_state(
-                ctx.store, ctx.run_id, step, model, tokenizer, optimizer, state
+                ctx.store,
+                ctx.run_id,
+                step,
+                model,
+                tokenizer,
+                optimizer,
+                state,
+                extra=source.state_files() if source is not None else None,
             )
             record_checkpoint(ctx, step, manifest, {k: v for k, v in metrics.items() if "/" in k})
         ctx.progress(phase, step - start_step, end_step - start_step, metrics)

@@ -49,15 +49,20 @@ def ppo_update(
     ref_model: PreTrainedModel | None = None,
     old_logprobs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    shaped_rows: torch.Tensor | None = None,
+    shaping_gamma: float = 0.1,
 ) -> dict[str, float]:
     """Optimise the clipped objective on `batch` with per-sequence `advantages` [B].
 
     old_logprobs [B, R] defaults to the current (pre-update) policy's own log-probs, so the
-    first minibatch step starts at ratio 1. Returns metrics averaged over all updates.
+    first minibatch step starts at ratio 1. shaped_rows [B] (LUFFY teacher rows) use the
+    shaped objective f(w) = w/(w + shaping_gamma). Returns metrics averaged over all updates.
     """
     was_training = model.training
     batch = batch.to(model.device)
     advantages = advantages.to(model.device)
+    if shaped_rows is not None:
+        shaped_rows = shaped_rows.to(model.device)
     if old_logprobs is None:
         old_logprobs = sequence_logprobs(model, batch, temperature)
     old_logprobs = old_logprobs.to(model.device)
@@ -87,6 +92,8 @@ def ppo_update(
                 clip_low=algo.clip_low,
                 clip_high=algo.clip_high,
                 agg=algo.loss_agg,
+                shaped_rows=None if shaped_rows is None else shaped_rows[idx],
+                shaping_gamma=shaping_gamma,
             )
             entropy = agg_loss(entropy_from_logits(logits), mask, algo.loss_agg)
             if algo.entropy_coef > 0:

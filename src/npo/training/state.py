@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class TrainState:
     rng: dict[str, Any] | None
     state: dict[str, Any]
     manifest: dict[str, Any]
+    extra: dict[str, bytes] = field(default_factory=dict)
 
 
 def save_train_state(
@@ -42,8 +43,10 @@ def save_train_state(
     tokenizer: PreTrainedTokenizerBase,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
+    extra: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
-    """Write a complete checkpoint for `step`; returns its manifest."""
+    """Write a complete checkpoint for `step`; returns its manifest. `extra` files (e.g. an
+    experience pool) go under extra/ and are covered by the manifest like the weights."""
     with tempfile.TemporaryDirectory(prefix="npo-ckpt-") as tmp:
         root = Path(tmp)
         save_policy(model, tokenizer, root / "policy")
@@ -51,6 +54,9 @@ def save_train_state(
             torch.save(optimizer.state_dict(), root / "optimizer.pt")
         torch.save(rng_state(), root / "rng.pt")
         (root / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        for name, data in (extra or {}).items():
+            (root / "extra").mkdir(exist_ok=True)
+            (root / "extra" / name).write_bytes(data)
         return save_checkpoint(store, run_id, step, root, meta=state)
 
 
@@ -67,7 +73,9 @@ def load_train_state(
         optimizer_state = torch.load(opt, weights_only=False) if opt.exists() else None
         rng = torch.load(root / "rng.pt", weights_only=False)
         state = json.loads((root / "state.json").read_text())
-    return TrainState(model, tokenizer, optimizer_state, rng, state, manifest)
+        extra_dir = root / "extra"
+        extra = {p.name: p.read_bytes() for p in extra_dir.iterdir()} if extra_dir.is_dir() else {}
+    return TrainState(model, tokenizer, optimizer_state, rng, state, manifest, extra)
 
 
 def fork_checkpoint(
