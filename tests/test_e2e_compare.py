@@ -44,7 +44,7 @@ def test_compare_shares_the_warmup_and_writes_one_report(tmp_path: Path) -> None
 
     md = (root / "cmp" / "comparison.md").read_text()
     assert "base (grpo)" in md and "auto (autonpo)" in md
-    assert "auto Δ=3" in md  # the forced intervention is listed
+    assert "| auto | Δ=3, from 0 |" in md  # the forced intervention is listed
     assert (root / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     report = (root / "auto" / "report.md").read_text()
     assert "Interventions" in report

@@ -27,7 +27,7 @@ def intervention_events(db: MetadataDB, run_id: str) -> list[dict[str, Any]]:
     return [
         {
             "step": int(iv.signals.get("global_step", iv.at_step)),
-            "label": f"{iv.kind} Δ={iv.delta}",
+            "label": f"Δ={iv.delta}, from {iv.rollback_to}",
             "kind": iv.kind,
         }
         for iv in db.interventions(run_id)
