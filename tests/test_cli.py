@@ -274,3 +274,18 @@ def test_eval_with_bad_config_option_exits_2(runner, saved_policy, tmp_path):
     result = runner.invoke(app, ["eval", str(saved_policy), "--config", str(bad)])
     assert result.exit_code == 2
     assert says(result.stderr, "rollout.max_new_tokens")
+
+
+def test_eval_finds_the_run_config_of_a_shared_store_checkpoint(tmp_path: Path) -> None:
+    from npo.steps.checkpoint_eval import find_run_config
+
+    root = tmp_path / "runs"
+    (root / "exp").mkdir(parents=True)
+    (root / "exp" / "config.yaml").write_text("name: exp\n")
+    for run_id in ("exp", "exp.late000100", "exp.r2"):
+        ckpt = root / "artifacts" / "runs" / run_id / "ckpt" / "000150"
+        ckpt.mkdir(parents=True)
+        assert find_run_config(ckpt) == root / "exp" / "config.yaml"
+    other = root / "artifacts" / "runs" / "nobody" / "ckpt" / "000001"
+    other.mkdir(parents=True)
+    assert find_run_config(other) is None

@@ -23,8 +23,15 @@ def resolve_policy_dir(path: Path) -> Path:
 
 
 def find_run_config(path: Path) -> Path | None:
-    """The config.yaml of the run folder that contains `path`, if any."""
+    """The config.yaml of the run that `path` belongs to, if any: a folder above it, or for
+    a checkpoint in the shared local store `<root>/artifacts/runs/<run_id>/ckpt/<step>`,
+    `<root>/<run>/config.yaml` (branches and lineages `<run>.<suffix>` included)."""
     for parent in [path.resolve(), *path.resolve().parents]:
         if (parent / "config.yaml").is_file():
             return parent / "config.yaml"
+        if parent.parent.name == "runs" and parent.parent.parent.name == "artifacts":
+            root = parent.parent.parent.parent
+            candidate = root / parent.name.split(".")[0] / "config.yaml"
+            if candidate.is_file():
+                return candidate
     return None
