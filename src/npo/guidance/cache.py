@@ -19,7 +19,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from npo.rollout import RolloutBatch
 from npo.store.artifacts import ArtifactStore
 
 
@@ -30,6 +32,34 @@ class GuideTrajectory:
     logprobs: list[float]
     text: str
     reward: float
+
+
+def trajectory_from_row(
+    batch: RolloutBatch, row: int, prompt_id: str, reward: float
+) -> GuideTrajectory:
+    """The masked response of `row` (ids up to EOS, behaviour log-probs, text)."""
+    keep = batch.response_mask[row].bool()
+    return GuideTrajectory(
+        prompt_id=prompt_id,
+        response_ids=batch.response_ids[row][keep].tolist(),
+        logprobs=batch.logprobs[row][keep].tolist(),
+        text=batch.texts[row],
+        reward=reward,
+    )
+
+
+def first_correct_rows(rewards: torch.Tensor) -> list[int | None]:
+    """rewards [N, n] of n samples per prompt -> per prompt the batch row (i*n + j) of its
+    first correct sample, None when all n fail.
+
+    >>> first_correct_rows(torch.tensor([[0., 1., 1.], [0., 0., 0.]]))
+    [1, None]
+    """
+    n = rewards.shape[1]
+    return [
+        i * n + int(hits[0]) if len(hits) else None
+        for i, hits in enumerate(row.nonzero().flatten() for row in rewards > 0)
+    ]
 
 
 @dataclass

@@ -22,7 +22,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from npo.algo.npo import guidance_gate, pass_rates
-from npo.guidance.cache import GuidanceCache, GuideTrajectory, cache_from_bytes, cache_to_bytes
+from npo.guidance.cache import (
+    GuidanceCache,
+    GuideTrajectory,
+    cache_from_bytes,
+    cache_to_bytes,
+    first_correct_rows,
+    trajectory_from_row,
+)
 from npo.rollout import RolloutBatch
 from npo.tasks import Problem
 from npo.training.seeding import derive_seed
@@ -150,22 +157,17 @@ class ExperienceReplay:
 
     def observe(self, problems: list[Problem], batch: RolloutBatch, rewards: torch.Tensor) -> None:
         """Update the pool from the step's on-policy samples. rewards [N, G]."""
-        g = rewards.shape[1]
+        first = first_correct_rows(rewards)
         for i, (problem, rate) in enumerate(
             zip(problems, pass_rates(rewards).tolist(), strict=True)
         ):
             if rate >= 1.0:
                 self.pool.pop(problem.id, None)
             elif rate > 0.0:
-                row = i * g + int(rewards[i].nonzero()[0])
-                keep = batch.response_mask[row].bool()
-                self.pool[problem.id] = GuideTrajectory(
-                    problem.id,
-                    batch.response_ids[row][keep].tolist(),
-                    batch.logprobs[row][keep].tolist(),
-                    batch.texts[row],
-                    float(rewards[i].max()),
-                )
+                row = first[i]
+                assert row is not None  # rate > 0: some sample is correct
+                reward = float(rewards[i].max())
+                self.pool[problem.id] = trajectory_from_row(batch, row, problem.id, reward)
 
     def state_files(self) -> dict[str, bytes]:
         cache = GuidanceCache("experience", "self", -1, -1, dict(self.pool))

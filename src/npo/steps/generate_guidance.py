@@ -17,30 +17,21 @@ import time
 
 import torch
 
-from npo.guidance.cache import GuidanceCache, GuideTrajectory, load_cache, payload_key, save_cache
-from npo.rollout import RolloutBatch, sample
+from npo.guidance.cache import (
+    GuidanceCache,
+    first_correct_rows,
+    load_cache,
+    payload_key,
+    save_cache,
+    trajectory_from_row,
+)
+from npo.rollout import RolloutBatch
 from npo.steps.context import RunContext
 from npo.steps.evaluate import evaluate_policy
+from npo.steps.pool_rollout import sample_checkpoint
 from npo.tasks import Problem
-from npo.training.seeding import derive_seed, seed_everything
-from npo.training.state import load_train_state
 
 CheckpointRef = tuple[str, int]  # (run_id, policy step)
-
-
-def _solved(
-    ctx: RunContext, batch: RolloutBatch, problems: list[Problem], tries: int
-) -> list[int | None]:
-    """Per problem, the row of its first correct sample (None when all k fail)."""
-    verdicts = ctx.task.verify_batch(
-        [problems[i] for i in batch.prompt_index.tolist()], batch.texts
-    )
-    first: list[int | None] = [None] * len(problems)
-    for row, v in enumerate(verdicts):
-        i = row // tries
-        if v.reward > 0 and first[i] is None:
-            first[i] = row
-    return first
 
 
 def generate_guidance(
@@ -63,19 +54,9 @@ def generate_guidance(
     started = time.perf_counter()
 
     def rollout(ref: CheckpointRef) -> tuple[RolloutBatch, list[int | None], float]:
-        state = load_train_state(ctx.store, ref[0], ref[1], cfg.model.dtype)
-        model, tok = state.model, state.tokenizer
-        seed_everything(derive_seed(cfg.seed, policy_step, stream=4))
-        batch = sample(
-            model,
-            tok,
-            [p.prompt for p in problems],
-            n=tries,
-            temperature=ro.temperature,
-            max_new_tokens=ro.max_new_tokens,
-        )
-        acc = evaluate_policy(model, tok, ctx.task, evals, ro.max_new_tokens)["eval/accuracy"]
-        return batch, _solved(ctx, batch, problems, tries), acc
+        out = sample_checkpoint(ctx, ref, problems, tries, policy_step, stream=4)
+        acc = evaluate_policy(out.model, out.tokenizer, ctx.task, evals, ro.max_new_tokens)
+        return out.batch, first_correct_rows(out.rewards), acc["eval/accuracy"]
 
     guide_batch, guide_first, guide_acc = rollout(guide)
     if current == guide:  # the Δ=0 control: the guide is the current policy itself
@@ -83,18 +64,11 @@ def generate_guidance(
     else:
         _, current_first, current_acc = rollout(current)
 
-    entries: dict[str, GuideTrajectory] = {}
-    for i, row in enumerate(guide_first):
-        if row is None:
-            continue
-        keep = guide_batch.response_mask[row].bool()
-        entries[problems[i].id] = GuideTrajectory(
-            prompt_id=problems[i].id,
-            response_ids=guide_batch.response_ids[row][keep].tolist(),
-            logprobs=guide_batch.logprobs[row][keep].tolist(),
-            text=guide_batch.texts[row],
-            reward=1.0,
-        )
+    entries = {
+        problems[i].id: trajectory_from_row(guide_batch, row, problems[i].id, 1.0)
+        for i, row in enumerate(guide_first)
+        if row is not None
+    }
     failed = [i for i, r in enumerate(current_first) if r is None]
     rescued = [i for i in failed if guide_first[i] is not None]
     stats = {

@@ -55,8 +55,9 @@ def choose_rollback_distance(ctx: RunContext, chain: Lineage, t: int) -> dict[st
     union = list(dict.fromkeys(pid for ids in slices.values() for pid in ids))
     if not union:
         raise NoRollbackCandidate(f"step {t}: no mistake-pool prompts after any candidate")
-    batch, rates, model, _ = rollout_prompts(ctx, current, union, stream=6)
-    current_lp = sequence_logprobs(model, batch, temperature)
+    rollout, rates = rollout_prompts(ctx, current, union, stream=6)
+    batch = rollout.batch
+    current_lp = sequence_logprobs(rollout.model, batch, temperature)
     v_hat = {}
     for d, ref in past.items():
         past_model = load_train_state(ctx.store, ref[0], ref[1], ctx.cfg.model.dtype).model

@@ -96,7 +96,7 @@ def _reuse(ctx: RunContext, source: str) -> dict[str, float]:
             f"from this run's; its checkpoint 0 is not this run's warm-up"
         )
     fork_checkpoint(ctx.store, source, ctx.run_id, 0)
-    row = {k: v for k, v in load_history(source_dir / "metrics.jsonl")[0].items()}
+    row = load_history(source_dir / "metrics.jsonl")[0]
     metrics = {k: v for k, v in row.items() if k not in ("step", "policy_step")}
     truncate_history(ctx, -1)
     record_metrics(ctx, metrics, global_step=0, policy_step=0)
