@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint format bench lock clean services
+.PHONY: install run test lint format bench lock clean services compile
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ bench: install
 # Ctrl-C stops all three. `$(PY) -m npo.devservices --check` starts, verifies and stops.
 services: install
 	$(PY) -m npo.devservices
+
+# Kubeflow pipeline YAML of every configs/*.yaml into pipelines/compiled/ (committed; a test
+# fails when it is stale). `npo submit CONFIG --host URL` compiles and runs one on a cluster.
+compile: install
+	$(VENV)/bin/npo compile --out pipelines/compiled
 
 # Re-resolve the pinned set from pyproject.toml (needs network to PyPI).
 lock:

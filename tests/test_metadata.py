@@ -120,3 +120,21 @@ def test_data_survives_reopen(db_url: str) -> None:
         db.migrate()
         assert db.get_run("r1").config == {"a": 1}
         assert [r.step for r in db.checkpoints("r1")] == [5]
+
+
+def test_head_revision_is_alembics_head() -> None:
+    """MetadataDB.migrate skips Alembic when the DB is at HEAD_REVISION: it must be the head."""
+    from alembic.script import ScriptDirectory
+
+    from npo.store.metadata import HEAD_REVISION, alembic_config
+
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD_REVISION
+
+
+def test_migrate_fast_path_reads_the_revision(tmp_path: Path) -> None:
+    with MetadataDB(default_metadata_url(tmp_path)) as db:
+        assert db.revision() is None
+        db.migrate()
+        assert db.revision() == "0002"
+        db.migrate()  # at head: returns without Alembic
+        assert db.revision() == "0002"

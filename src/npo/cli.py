@@ -4,13 +4,18 @@
     npo compare CONFIG CONFIG ... [--name NAME]            several runs, one comparison
     npo eval CHECKPOINT [--config CONFIG]                   greedy pass@1 of a checkpoint
     npo show-config [CONFIG] [--set ...]                    the validated config as YAML
+    npo compile [CONFIG ...] [--out pipelines/compiled]     Kubeflow pipeline YAML per config
+    npo submit CONFIG --host URL [--experiment N] [--wait]  run it on a Kubeflow cluster
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (config, paths) or an unreachable endpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -40,9 +45,11 @@ SetOpt = Annotated[
 ]
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(engine: str = "direct") -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if engine != "direct":  # the pipeline's tasks quiet themselves: no transformers here
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -86,30 +93,79 @@ def _summary_table(summary: dict) -> Table:
     return table
 
 
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        help="pipeline: the Kubeflow pipeline through kfp.local (what a cluster runs); "
+        "direct: the same stages called in this process."
+    ),
+]
+
+
+@contextlib.contextmanager
+def _pinned_console() -> Iterator[None]:
+    """Keep the bars on the terminal while kfp.local's task logs go to pipeline.log (it
+    redirects sys.stdout; rich otherwise follows sys.stdout)."""
+    console.file = sys.stdout
+    try:
+        yield
+    finally:
+        console.file = None  # type: ignore[assignment]  # back to following sys.stdout
+
+
+def _check_engine(engine: str) -> None:
+    from npo.experiment import ENGINES
+
+    if engine not in ENGINES:
+        _fail(f"--engine {engine!r}: one of {', '.join(ENGINES)}")
+
+
+def _bad_input() -> tuple[type[Exception], ...]:
+    from npo.steps.context import RunConflict
+    from npo.tasks import TaskError
+
+    return (RunConflict, TaskError, *_unreachable())
+
+
+@contextlib.contextmanager
+def _run_errors() -> Iterator[None]:
+    """Bad input or endpoints: exit 2; a pipeline task that failed: exit 1, one line that
+    names the task and its log."""
+    from npo.pipelines.local import PipelineFailed
+
+    try:
+        yield
+    except _bad_input() as e:
+        _fail(e)
+    except PipelineFailed as e:
+        err_console.print(Text("run failed: ", style="bold red") + Text(str(e)))
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def run(
     config: ConfigArg = None,
     set_: SetOpt = None,
     fresh: Annotated[bool, typer.Option(help="Delete a previous run of this name first.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    engine: EngineOpt = "pipeline",
 ) -> None:
-    """Run (or resume) an experiment locally: warm-up, RL, report."""
+    """Run (or resume) an experiment locally: warm-up, RL, evaluation, report."""
     cfg = _load(config, set_)
-    _quiet_libraries()
+    _check_engine(engine)
+    _quiet_libraries(engine)
     from npo.experiment import run_experiment
     from npo.progress import RichProgress
-    from npo.steps.context import RunConflict
-    from npo.tasks import TaskError
 
-    console.print(f"[bold]npo run[/bold] {cfg.name}: method={cfg.method} task={cfg.task.kind}")
-    try:
+    console.print(
+        f"[bold]npo run[/bold] {cfg.name}: method={cfg.method} task={cfg.task.kind} engine={engine}"
+    )
+    with _run_errors(), _pinned_console():
         if quiet:
-            summary = run_experiment(cfg, fresh=fresh)
+            summary = run_experiment(cfg, fresh=fresh, engine=engine)
         else:
             with RichProgress(console) as progress:
-                summary = run_experiment(cfg, fresh=fresh, progress=progress)
-    except (RunConflict, TaskError, *_unreachable()) as e:
-        _fail(e)
+                summary = run_experiment(cfg, fresh=fresh, progress=progress, engine=engine)
     console.print(_summary_table(summary))
     console.print(f"report: {summary['report']}")
 
@@ -126,26 +182,24 @@ def compare(
     ] = None,
     fresh: Annotated[bool, typer.Option(help="Delete previous runs of these names.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    engine: EngineOpt = "pipeline",
 ) -> None:
     """Run several experiments (sharing the first one's warm-up) and compare them."""
     cfgs = [_load(c, set_) for c in configs]
     if len({c.name for c in cfgs}) != len(cfgs):
         _fail("compare: every config needs its own name (set name: in each file)")
-    _quiet_libraries()
+    _check_engine(engine)
+    _quiet_libraries(engine)
     from npo.compare import run_comparison
     from npo.progress import RichProgress
-    from npo.steps.context import RunConflict
-    from npo.tasks import TaskError
 
     console.print(f"[bold]npo compare[/bold] {', '.join(f'{c.name} ({c.method})' for c in cfgs)}")
-    try:
+    with _run_errors(), _pinned_console():
         if quiet:
-            png, md, summaries = run_comparison(cfgs, name, threshold, fresh)
+            png, md, summaries = run_comparison(cfgs, name, threshold, fresh, None, engine)
         else:
             with RichProgress(console) as progress:
-                png, md, summaries = run_comparison(cfgs, name, threshold, fresh, progress)
-    except (RunConflict, TaskError, *_unreachable()) as e:
-        _fail(e)
+                png, md, summaries = run_comparison(cfgs, name, threshold, fresh, progress, engine)
     for summary in summaries:
         console.print(_summary_table(summary))
     console.print(md.read_text(), markup=False, highlight=False)
@@ -197,6 +251,79 @@ def show_config(config: ConfigArg = None, set_: SetOpt = None) -> None:
     cfg = _load(config, set_)
     # Plain echo: rich would hard-wrap long values and break the YAML when piped to a file.
     typer.echo(yaml.safe_dump(public_dump(cfg), sort_keys=False), nl=False)
+
+
+@app.command("compile")
+def compile_(
+    configs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Experiment YAMLs (default: every configs/*.yaml)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder of the compiled YAML.")] = Path(
+        "pipelines/compiled"
+    ),
+    set_: SetOpt = None,
+) -> None:
+    """Compile configs to Kubeflow pipeline YAML: <out>/<config stem>.yaml each."""
+    from npo.pipelines.compile import DEFAULT_CONFIGS, compile_config, shipped_configs
+
+    paths = configs or shipped_configs(DEFAULT_CONFIGS)
+    if not paths:
+        _fail(f"no configs given and none in {DEFAULT_CONFIGS}/")
+    for path in paths:
+        try:
+            target = compile_config(path, out, set_ or [])
+        except ConfigError as e:
+            _fail(e)
+        console.print(f"{path} -> {target}", markup=False, highlight=False)
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML.")],
+    host: Annotated[
+        str,
+        typer.Option(envvar="KFP_HOST", help="Kubeflow Pipelines API, e.g. http://localhost:8080."),
+    ],
+    experiment: Annotated[
+        str | None, typer.Option(help="KFP experiment (default: tracking.experiment).")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the run; exit 1 unless it succeeds.")] = (
+        False
+    ),
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most.")] = 24 * 3600.0,
+    set_: SetOpt = None,
+) -> None:
+    """Compile CONFIG, upload it to Kubeflow Pipelines and start a run (prints its link)."""
+    cfg = _load(config, set_)
+    from npo.pipelines.submit import (
+        FINAL_STATES,
+        HostUnreachable,
+        cluster_warnings,
+        connect,
+        submit_experiment,
+        wait_for_run,
+    )
+
+    for warning in cluster_warnings(cfg):
+        err_console.print(Text("warning: ", style="yellow") + Text(warning))
+    try:
+        client = connect(host)
+        done = submit_experiment(client, cfg, host, experiment or cfg.tracking.experiment)
+        console.print(f"run: {done.url}", markup=False, highlight=False)
+        state = wait_for_run(client, host, done.run_id, timeout) if wait else None
+    except HostUnreachable as e:
+        _fail(e)
+    if state is None:
+        return
+    if state == "SUCCEEDED":
+        console.print(f"run {done.run_id} succeeded", markup=False)
+        return
+    if state in FINAL_STATES:
+        err_console.print(f"run {done.run_id} ended {state}: {done.url}", markup=False)
+    else:
+        err_console.print(f"run {done.run_id} still {state} after {timeout:g} s", markup=False)
+    raise typer.Exit(1)
 
 
 if __name__ == "__main__":

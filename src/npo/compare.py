@@ -10,6 +10,7 @@ and tabulates final/best accuracy, steps to a threshold and total updates.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +33,28 @@ def run_comparison(
     threshold: float | None = None,
     fresh: bool = False,
     progress: ProgressFn | None = None,
+    engine: str = "direct",
 ) -> tuple[Path, Path, list[dict[str, Any]]]:
     """Run every config, then write the comparison; returns (png, md, summaries)."""
     if len({c.name for c in configs}) != len(configs):
         raise ValueError("compare: every config needs its own name (set name: in each file)")
     first = configs[0].name
     curves, summaries = [], []
-    for cfg in configs:
-        if cfg.name != first and cfg.warmup.init_from is None:
-            cfg = cfg.model_copy(
-                update={"warmup": cfg.warmup.model_copy(update={"init_from": first})}
-            )
-        summary = run_experiment(cfg, fresh=fresh, progress=progress)
-        summaries.append(summary)
+    with contextlib.ExitStack() as stack:
+        if engine == "pipeline":  # one warm step server for all the runs' pipelines
+            from npo.pipelines.local import LocalPipelines
+
+            pipelines = stack.enter_context(LocalPipelines(progress))
+        for cfg in configs:
+            if cfg.name != first and cfg.warmup.init_from is None:
+                cfg = cfg.model_copy(
+                    update={"warmup": cfg.warmup.model_copy(update={"init_from": first})}
+                )
+            if engine == "pipeline":
+                summaries.append(pipelines.run(cfg, fresh=fresh))
+            else:
+                summaries.append(run_experiment(cfg, fresh, progress, engine))
+    for cfg, summary in zip(configs, summaries, strict=True):
         run_dir = cfg.store.root.resolve() / cfg.name
         curves.append(
             RunCurves(

@@ -298,6 +298,132 @@ class TrackingConfig(_Strict):
     experiment: str = Field("npo", description="MLflow experiment name.")
 
 
+# --------------------------------------------------------------------------- cluster
+class SecretEnvConfig(_Strict):
+    secret_name: str = Field(description="Kubernetes Secret in the run's namespace.")
+    env: dict[str, str] = Field(
+        description="Secret data key -> environment variable set in the step's container."
+    )
+    optional: bool = Field(False, description="Start the step even when the Secret is missing.")
+
+
+class TolerationConfig(_Strict):
+    key: str | None = Field(None, description="Taint key (None with Exists: every taint).")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="How value is matched.")
+    value: str | None = Field(None, description="Taint value (with operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate (None: every effect)."
+    )
+
+
+class RetryConfig(_Strict):
+    count: int = Field(2, ge=0, description="Retries of a failed stateful step (0 = none).")
+    backoff: str = Field(
+        "60s", pattern=r"^\d+s$", description="Wait before the first retry, e.g. '60s'."
+    )
+    factor: float = Field(2.0, ge=1, description="Each further wait is this times longer.")
+    max_duration: str = Field(
+        "3600s", pattern=r"^\d+s$", description="Stop retrying after this long, e.g. '3600s'."
+    )
+
+
+# The stages of docs/stages-api.md: one KFP task each.
+ClusterStage = Literal[
+    "prepare", "train", "guidance", "verify", "detect", "rollback", "evaluate", "report"
+]
+# Kubernetes quantities in the forms KFP accepts for requests and limits.
+_CPU = r"^([0-9]*[.])?[0-9]+m?$"
+_MEMORY = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
+
+
+def _default_secrets() -> list[SecretEnvConfig]:
+    # The credentials the code reads from the environment (store/s3.py, steps/context.py,
+    # store/tracking.py); Secret keys are named after the variables they fill.
+    named = {
+        "npo-s3": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+        "npo-metadata-db": ["NPO_METADATA_URL"],
+        "npo-mlflow": ["MLFLOW_TRACKING_URI"],
+    }
+    return [
+        SecretEnvConfig(secret_name=name, env={v: v for v in variables})
+        for name, variables in named.items()
+    ]
+
+
+class ClusterConfig(_Strict):
+    """How `npo compile` / `npo submit` run the stages as Kubeflow Pipelines tasks. Only
+    names of Secrets go into the compiled YAML, never their values."""
+
+    image: str = Field(
+        "ghcr.io/npo-project/npo:0.1.0-cpu",
+        pattern=r"^\S+:[\w.-]+$|^\S+@sha256:[0-9a-f]{64}$",
+        description="Image of every step (has npo and kfp installed): pin a tag or digest, "
+        "never :latest.",
+    )
+    secrets: list[SecretEnvConfig] = Field(
+        default_factory=_default_secrets,
+        description="Secrets exposed as environment variables of every step: S3 keys, the "
+        "metadata DB URL (with its password) and the MLflow tracking URI.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Plain (non-secret) environment variables of every step, e.g. "
+        "AWS_ENDPOINT_URL of an in-cluster S3 server.",
+    )
+    accelerator_type: str | None = Field(
+        None,
+        description="Accelerator resource of the GPU steps, e.g. 'nvidia.com/gpu' "
+        "(None: CPU only).",
+    )
+    accelerator_count: int = Field(1, ge=1, description="Accelerators per GPU step.")
+    gpu_steps: list[ClusterStage] = Field(
+        default_factory=lambda: ["train", "guidance"],
+        description="Stages that get the accelerator: train and guidance train or sample the "
+        "policy at length; the others mostly wait on the store.",
+    )
+    cpu_request: str = Field(
+        "1",
+        pattern=_CPU,
+        coerce_numbers_to_str=True,
+        description="CPU request of every step, e.g. 2 or '500m'.",
+    )
+    memory_request: str = Field(
+        "4Gi", pattern=_MEMORY, description="Memory request of every step, e.g. '16Gi'."
+    )
+    memory_limit: str | None = Field(
+        None, pattern=_MEMORY, description="Memory limit of every step (None: no limit)."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels every step's pod must match."
+    )
+    tolerations: list[TolerationConfig] = Field(
+        default_factory=list, description="Taints every step's pod tolerates (e.g. GPU nodes)."
+    )
+    retry: RetryConfig = Field(
+        default_factory=RetryConfig,
+        description="Retry policy of the stateful steps (prepare, train, guidance, rollback): "
+        "they resume from the last committed checkpoint.",
+    )
+    runs_volume: str | None = Field(
+        None,
+        description="PersistentVolumeClaim (ReadWriteMany) mounted on every step at "
+        "runs_mount and used as store.root: the run folders (metrics history, run.json, "
+        "reports) that every task of a run reads and appends to.",
+    )
+    runs_mount: str = Field(
+        "/mnt/npo-runs",
+        pattern=r"^/\S*$",
+        description="Where runs_volume is mounted in the step containers (absolute).",
+    )
+
+    @model_validator(mode="after")
+    def _pinned(self) -> ClusterConfig:
+        # A moving tag would let two tasks of one run execute different code.
+        if self.image.endswith(":latest"):
+            raise ValueError("cluster.image must pin a version tag or digest, not :latest")
+        return self
+
+
 # --------------------------------------------------------------------------- root
 class ExperimentConfig(_Strict):
     name: str = Field(
@@ -324,6 +450,7 @@ class ExperimentConfig(_Strict):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,24 +1,19 @@
-"""The local experiment: warm-up, then GRPO, then the report — resumable end to end.
+"""The experiment: warm-up, the method's RL phase, final evaluation, report — resumable.
 
-    summary = run_experiment(load_config("configs/toy_grpo.yaml"))
+    summary = run_experiment(load_config("configs/toy_grpo.yaml"), engine="pipeline")
 
-Each stage is a pipeline step (npo.steps) and is idempotent, so calling this again after a
-crash picks up from the last committed checkpoint.
+Each stage (npo.stages) is idempotent, so calling this again after a crash picks up from
+the last committed checkpoint. torch and the stages are imported only where they run: with
+the pipeline engine, this process only orchestrates (the step server's workers train).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import torch
-
-from npo.config import ExperimentConfig, public_dump
-from npo.engine import train
-from npo.guidance.cache import list_cache_headers
-from npo.report import load_history, write_report
+from npo.config import ExperimentConfig
+from npo.report import load_history
 from npo.steps.context import ProgressFn, RunContext, is_branch, open_run
-from npo.steps.warmup import warmup
 from npo.store.metadata import MetadataDB
 
 
@@ -47,6 +42,8 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
         if not vals:
             return float("nan")
         return sum(vals) / len(vals)
+
+    from npo.guidance.cache import list_cache_headers
 
     guides = list_cache_headers(ctx.store, ctx.run_id)
     # Look-ahead branches are extra compute; AutoNPO's replays are already in the updates,
@@ -90,31 +87,41 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
     }
 
 
+ENGINES = ("pipeline", "direct")
+
+
 def run_experiment(
-    cfg: ExperimentConfig, fresh: bool = False, progress: ProgressFn | None = None
+    cfg: ExperimentConfig,
+    fresh: bool = False,
+    progress: ProgressFn | None = None,
+    engine: str = "direct",
 ) -> dict[str, Any]:
-    """Run (or resume) the experiment `cfg`; returns the summary and writes the report."""
+    """Run (or resume) the experiment `cfg`; returns the summary and writes the report.
+
+    engine "pipeline": its Kubeflow pipeline through kfp.local (what `npo run` does);
+    "direct": the same stages called in this process, in the same order (no orchestration:
+    the baseline of bench/pipeline_overhead.py, and what most tests use)."""
+    if engine == "pipeline":
+        from npo.pipelines.local import run_pipeline
+
+        return run_pipeline(cfg, fresh=fresh, progress=progress)
+    if engine != "direct":
+        raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
+    import torch
+
+    from npo import stages
+    from npo.engine import train
+
     ctx = open_run(cfg, fresh=fresh, progress=progress)
-    status = "FAILED"
     torch.set_num_threads(cfg.train.threads)
-    started = time.perf_counter()
+    status = "FAILED"
     try:
         ctx.db.set_run_status(ctx.run_id, "running")
-        ctx.tracker.log_params(public_dump(cfg))
-        warmup(ctx)
+        stages.prepare(ctx)
         train(ctx)
-        summary = summarize(ctx, time.perf_counter() - started)
-        png, md = write_report(
-            ctx.run_dir,
-            load_history(ctx.history_path),
-            summary,
-            title=f"{cfg.method} · {cfg.name}",
-            events=intervention_events(ctx.db, ctx.run_id),
-        )
-        for path in (png, md):
-            ctx.tracker.log_artifact(path, "report")
-        summary["report"] = str(md)
-        ctx.db.set_run_status(ctx.run_id, "completed")
+        final = stages.final_checkpoint(ctx)
+        stages.evaluate(ctx, *final)
+        summary = stages.report(ctx)["summary"]
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:

@@ -112,12 +112,19 @@ def metadata_url(cfg: ExperimentConfig) -> str:
     return url or default_metadata_url(cfg.store.root.resolve())
 
 
+def artifacts_uri_of(cfg: ExperimentConfig) -> str:
+    """NPO_ARTIFACTS_URI (from a Secret when it embeds keys), else the config's URI, else
+    `<store.root>/artifacts`."""
+    uri = os.environ.get("NPO_ARTIFACTS_URI") or cfg.store.artifacts_uri
+    return uri or (cfg.store.root.resolve() / "artifacts").as_uri()
+
+
 def open_run(
     cfg: ExperimentConfig, fresh: bool = False, progress: ProgressFn | None = None
 ) -> RunContext:
     """Create or re-open the run named `cfg.name` (fresh=True wipes a previous one)."""
     run_dir = (cfg.store.root / cfg.name).resolve()
-    artifacts_uri = cfg.store.artifacts_uri or (cfg.store.root.resolve() / "artifacts").as_uri()
+    artifacts_uri = artifacts_uri_of(cfg)
     text = _config_text(cfg)
     saved = run_dir / "config.yaml"
     if fresh:

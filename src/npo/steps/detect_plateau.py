@@ -56,6 +56,7 @@ def detect_plateau(
         interventions < acfg.max_interventions
     )
     signals["allowed"] = allowed
+    signals["forced"] = forced
     triggered = allowed and (stag.triggered or forced)
     if not triggered:
         return PlateauDecision(False, False, forced, signals)

@@ -136,7 +136,10 @@ def train_segment(
 
     train: list[Problem] = ctx.task.train_problems()
     evals = ctx.task.eval_problems()[: cfg.train.eval_size]
-    ctx.progress(phase, step - start_step, end_step - start_step, {})
+    # Progress in policy steps of the whole run: a run cut into several train tasks (a
+    # pipeline) keeps one bar per phase instead of restarting it per task.
+    total = max(end_step, cfg.train.steps)
+    ctx.progress(phase, step, total, {})
     while step < end_step:
         step += 1
         t0 = time.perf_counter()
@@ -218,5 +221,5 @@ def train_segment(
                 extra=source.state_files() if source is not None else None,
             )
             record_checkpoint(ctx, step, manifest, {k: v for k, v in metrics.items() if "/" in k})
-        ctx.progress(phase, step - start_step, end_step - start_step, metrics)
+        ctx.progress(phase, step, total, metrics)
     return state

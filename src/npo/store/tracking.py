@@ -41,7 +41,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -284,10 +284,7 @@ class MlflowTracker:
                 self._params = dict(run.data.params)
                 if run.info.status != "RUNNING":
                     self._client.update_run(run_id, status="RUNNING")
-                for key in run.data.metrics:
-                    step = self.last_logged_step(key)
-                    if step is not None:
-                        self._floor[key] = step
+                self._floor = _latest_steps(run, self.last_logged_step)
             else:
                 exp_id = self._experiment_id(experiment, artifact_location)
                 self.run_id = self._client.create_run(exp_id, run_name=run_name).info.run_id
@@ -378,6 +375,18 @@ class MlflowTracker:
             self.flush()
         history = self._client.get_metric_history(self.run_id, key)
         return max((m.step for m in history), default=None)
+
+
+def _latest_steps(run: Any, history_step: Callable[[str], int | None]) -> dict[str, int]:
+    """The last step stored for each metric of `run`. The run's own record carries each
+    metric's latest point with its step (one query, where asking every key's history costs
+    a query per metric on every resume, i.e. every pipeline task); `history_step` is the
+    fallback should that record lack steps."""
+    latest = getattr(run.data, "_metric_objs", None)
+    if latest is not None:
+        return {m.key: int(m.step) for m in latest}
+    steps = {key: history_step(key) for key in run.data.metrics}
+    return {key: step for key, step in steps.items() if step is not None}
 
 
 def default_tracking_uri(root: Path) -> str:

@@ -1,0 +1,84 @@
+"""Kubernetes settings of the pipeline's tasks, from the config's `cluster:` section.
+
+One entry point, `apply_cluster(task, stage, cluster)`, called by the pipeline builder on every
+task it creates. The compiled YAML carries only names (Secret names and keys, node labels,
+resource quantities), never a credential: the stages read credentials from the environment
+variables these Secrets fill. `kfp.local` ignores all of this, so `npo run` is unaffected.
+"""
+
+from __future__ import annotations
+
+from kfp import kubernetes
+from kfp.dsl import PipelineTask
+
+from npo.config import ClusterConfig
+
+# Steps that write state (checkpoints, caches, lineages) and resume from the last committed
+# one when re-run: worth retrying after a lost node or a flaky store.
+RETRIED_STAGES = frozenset({"prepare", "train", "guidance", "rollback"})
+# Where a step finds store.root when the run folders are on the shared volume.
+STORE_ROOT_ENV = "NPO_STORE_ROOT"
+# The bookkeeping task that only forwards a run id: no image-heavy settings.
+PASS_THROUGH = "keep"
+
+
+def apply_cluster(task: PipelineTask, stage: str, cluster: ClusterConfig) -> PipelineTask:
+    """Configure `task` (running `stage`) for the cluster and return it.
+
+    Caching is off for every task: stages are idempotent through the store and must run
+    again when a run is resumed or repeated, which KFP's cache would skip.
+    """
+    task.set_caching_options(enable_caching=False)
+    if stage == PASS_THROUGH:
+        return task
+    _resources(task, stage, cluster)
+    if stage in RETRIED_STAGES and cluster.retry.count > 0:
+        retry = cluster.retry
+        task.set_retry(
+            num_retries=retry.count,
+            backoff_duration=retry.backoff,
+            backoff_factor=retry.factor,
+            backoff_max_duration=retry.max_duration,
+        )
+    _environment(task, cluster)
+    _placement(task, cluster)
+    return task
+
+
+def _resources(task: PipelineTask, stage: str, cluster: ClusterConfig) -> None:
+    """CPU/memory requests of every stage; the accelerator only on the GPU stages."""
+    task.set_cpu_request(cluster.cpu_request)
+    task.set_memory_request(cluster.memory_request)
+    if cluster.memory_limit:
+        task.set_memory_limit(cluster.memory_limit)
+    if cluster.accelerator_type and stage in cluster.gpu_steps:
+        task.set_accelerator_type(cluster.accelerator_type)
+        task.set_accelerator_limit(cluster.accelerator_count)
+
+
+def _environment(task: PipelineTask, cluster: ClusterConfig) -> None:
+    """Secrets as environment variables (by name only) and the plain variables."""
+    for secret in cluster.secrets:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=secret.secret_name,
+            secret_key_to_env=dict(sorted(secret.env.items())),
+            optional=secret.optional,
+        )
+    for name, value in sorted(cluster.env.items()):
+        task.set_env_variable(name, value)
+    if cluster.runs_volume:
+        # The run folders live on one shared volume: every task of a run appends to the
+        # same metrics history and reads the same run.json (MLflow run id, start time).
+        kubernetes.mount_pvc(task, pvc_name=cluster.runs_volume, mount_path=cluster.runs_mount)
+        task.set_env_variable(STORE_ROOT_ENV, cluster.runs_mount)
+
+
+def _placement(task: PipelineTask, cluster: ClusterConfig) -> None:
+    """Node selector and tolerations, in a stable order (byte-identical compiles)."""
+    for key, value in sorted(cluster.node_selector.items()):
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in cluster.tolerations:
+        kubernetes.add_toleration(
+            task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect
+        )

@@ -1,0 +1,179 @@
+"""Run an experiment's Kubeflow pipeline on this machine: the DAG a cluster runs, executed
+by kfp.local's SubprocessRunner (every task a `kfp.dsl.executor_main` subprocess, no
+container, no network).
+
+A task's component calls `npo.stepserver.call_stage`; here NPO_STEP_SERVER points it at a
+warm step server, so a task does not pay the ~5 s import of torch and transformers: the
+server forks a worker with everything imported, which runs the stage with the task's
+environment and stdout. Progress events of the workers reach `progress` (the CLI's bars).
+kfp.local's own log (every task's inputs, outputs and output lines) goes to
+`<run_dir>/pipeline.log`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from npo.config import ExperimentConfig
+from npo.steps.context import ProgressFn, open_run
+
+# What the step server's zygote imports once, so that no task pays for it: the stages
+# (torch, transformers) and the libraries they import lazily on first use (MLflow and its
+# SQL store, Alembic for the metadata DB's migrations, matplotlib for the report).
+PRELOAD = (
+    "npo.stages",
+    "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "alembic.command",
+    "alembic.runtime.migration",
+    "matplotlib.pyplot",
+)
+
+
+class PipelineFailed(RuntimeError):
+    """A task of the local pipeline failed; the message names the log to read."""
+
+
+def secret_env(cfg: ExperimentConfig) -> dict[str, str]:
+    """The endpoints whose credentials `public_dump` redacts from the pipeline's config
+    parameter: the tasks get the real values through the environment instead, as pods get
+    them from Kubernetes Secrets. Values already in the environment win."""
+    env = {}
+    pairs = [
+        ("NPO_METADATA_URL", cfg.store.metadata_url),
+        ("NPO_ARTIFACTS_URI", cfg.store.artifacts_uri),
+        ("MLFLOW_TRACKING_URI", cfg.tracking.tracking_uri),
+    ]
+    for key, value in pairs:
+        if value and not os.environ.get(key):
+            env[key] = value
+    return env
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the tasks (kfp.local's subprocesses inherit them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+class LocalPipelines:
+    """Runs experiments' pipelines locally, sharing one warm step server between them.
+
+        with LocalPipelines(progress) as pipelines:
+            for cfg in configs:
+                summary = pipelines.run(cfg)
+
+    Entering launches the step server's zygote without waiting for it: its imports (torch,
+    transformers: seconds) overlap with opening the first run here."""
+
+    def __init__(self, progress: ProgressFn | None = None) -> None:
+        from npo.stepserver import StepServer
+
+        self._server = StepServer(preload=PRELOAD, on_progress=progress)
+        self._ready = False
+
+    def __enter__(self) -> LocalPipelines:
+        self._server.launch()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.close()
+
+    def run(self, cfg: ExperimentConfig, fresh: bool = False) -> dict[str, Any]:
+        """Run (or resume) the experiment `cfg` as its pipeline; returns the run summary.
+
+        Stages are idempotent, so re-running a pipeline that died resumes it: finished
+        tasks return their committed results quickly and the interrupted one resumes from
+        its last checkpoint."""
+        from npo.pipelines.build import build_pipeline
+
+        # Validate the config and endpoints, wipe a previous run (fresh), create the run
+        # folder and the MLflow run here, before any task starts; the tasks reopen the run.
+        ctx = open_run(cfg, fresh=fresh)
+        run_dir = ctx.run_dir
+        ctx.db.close()
+        ctx.tracker.flush()  # the MLflow run stays open: the report task finishes it
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        pipeline = build_pipeline(cfg, local=True)
+        if not self._ready:
+            self._server.wait_ready()
+            self._ready = True
+        # Workers take the task's environment, so per-run secrets travel with the tasks.
+        _run_dag(pipeline, run_dir, {**secret_env(cfg), **self._server.env()})
+        return _summary(run_dir)
+
+
+def run_pipeline(
+    cfg: ExperimentConfig, fresh: bool = False, progress: ProgressFn | None = None
+) -> dict[str, Any]:
+    """Run (or resume) one experiment as its pipeline (see `LocalPipelines.run`)."""
+    with LocalPipelines(progress) as pipelines:
+        return pipelines.run(cfg, fresh=fresh)
+
+
+def _run_dag(pipeline: Any, run_dir: Path, env: dict[str, str]) -> None:
+    """Execute the pipeline with kfp.local; its log goes to `<run_dir>/pipeline.log`."""
+    from kfp import local
+
+    log_path = run_dir / "pipeline.log"
+    with (
+        _environ(env),
+        log_path.open("a", encoding="utf-8") as log,
+        contextlib.redirect_stdout(log),
+        warnings.catch_warnings(),
+    ):
+        # kfp.local warns that display names and cluster settings do nothing locally.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False),
+            pipeline_root=str(run_dir / "kfp"),
+            raise_on_error=True,
+        )
+        start = log.tell()
+        try:
+            pipeline()
+        except RuntimeError as e:
+            sys.stdout.flush()
+            raise PipelineFailed(_failure(str(e), log_path, start)) from None
+        finally:
+            sys.stdout.flush()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _failure(message: str, log_path: Path, start: int) -> str:
+    """One line for the user: which task failed, the stage's own error, where the log is."""
+    text = _ANSI.sub("", message)
+    task = re.search(r"Inner task failed: '([^']+)'", text)
+    with log_path.open(encoding="utf-8", errors="replace") as f:
+        f.seek(start)
+        errors = [line.strip() for line in f if "StageFailed: " in line]
+    reason = errors[-1].split("StageFailed: ", 1)[1] if errors else text
+    where = f"task '{task.group(1)}'" if task else "a task"
+    return f"{where} failed: {reason} (task logs: {log_path})"
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    if not path.exists():
+        raise PipelineFailed(f"the pipeline ended without a report ({path} is missing)")
+    return json.loads(path.read_text())

@@ -1,0 +1,151 @@
+"""End-to-end through the Kubeflow pipeline, run locally by kfp.local (SubprocessRunner) with
+the warm step server: the DAG a cluster runs, on the tiny toy.
+
+The pipeline must train exactly what the in-process engine trains (same stages, same order),
+so each test also runs the direct engine under another name and compares every metric.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import write_tiny_config
+from typer.testing import CliRunner
+
+from npo.cli import app
+from npo.config import load_config
+from npo.experiment import run_experiment
+from npo.pipelines.local import PipelineFailed
+from npo.report import load_history
+from npo.store.artifacts import open_store
+from npo.store.checkpoint import list_checkpoints
+from npo.store.metadata import MetadataDB
+
+pytestmark = pytest.mark.slow
+
+AUTO = {
+    "method": "autonpo",
+    "npo": {"guidance": {"gate": 1.5, "tries": 4}},
+    "autonpo": {
+        "check_every": 3,
+        "window": 2,
+        "candidates": [3, 6],
+        "force_at": [6],
+        "cooldown": 100,
+        "mistake_below": 1.01,
+        "confirm_prompts": 8,
+    },
+}
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def _tasks(run_dir: Path) -> list[str]:
+    """Names of the tasks that ran in the newest local pipeline run (the If-branch's tasks
+    exist only when it was taken)."""
+    (latest,) = sorted((run_dir / "kfp").iterdir())[-1:]
+    return sorted(p.name for p in latest.iterdir() if (p / "executor_output.json").exists())
+
+
+def test_grpo_pipeline_matches_the_direct_engine(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    path = write_tiny_config(tmp_path / "g.yaml", root, "pipe", steps=6)
+    summary = run_experiment(load_config(path), engine="pipeline")
+    direct = run_experiment(load_config(path, ["name=direct"]), engine="direct")
+
+    rows = load_history(root / "pipe" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(7))
+    assert _comparable(rows) == _comparable(load_history(root / "direct" / "metrics.jsonl"))
+    assert summary["final accuracy"] == direct["final accuracy"]
+    assert _tasks(root / "pipe") == [
+        "evaluate",
+        "prepare",
+        "report",
+        "train-segment",
+        "train-segment-2",
+    ]
+    # a train task's KFP UI outputs: a Metrics artifact and the curves so far
+    out = json.loads(
+        next((root / "pipe" / "kfp").glob("*/train-segment-2/executor_output.json")).read_text()
+    )
+    assert out["parameterValues"] == {"run_id": "pipe", "policy_step": 6, "global_step": 6}
+    metrics = out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert metrics["eval/accuracy"] == rows[-1]["eval/accuracy"]
+    curves = next((root / "pipe" / "kfp").glob("*/train-segment-2/curves")).read_text()
+    assert "| 6 | 6 |" in curves
+
+    store = open_store((root / "artifacts").as_uri())
+    assert list_checkpoints(store, "pipe") == [0, 3, 6]
+    with MetadataDB(f"sqlite:///{root}/npo.db") as db:
+        assert [c.step for c in db.checkpoints("pipe")] == [0, 3, 6]
+        assert db.get_run("pipe").status == "completed"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run = client.get_run(summary["mlflow run"])
+    assert run.info.status == "FINISHED"  # stages kept it open; the report task ended it
+    history = client.get_metric_history(run.info.run_id, "reward/mean")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # one point per step
+    assert client.get_metric_history(run.info.run_id, "final/accuracy")
+
+    # Re-running the finished pipeline recomputes nothing and duplicates nothing.
+    again = run_experiment(load_config(path), engine="pipeline")
+    assert again["final accuracy"] == summary["final accuracy"]
+    assert len(load_history(root / "pipe" / "metrics.jsonl")) == len(rows)
+    assert len(client.get_metric_history(run.info.run_id, "reward/mean")) == 6
+
+
+def test_autonpo_pipeline_takes_the_intervention_branch(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    path = write_tiny_config(tmp_path / "a.yaml", root, "auto", 12, **AUTO)
+    summary = run_experiment(load_config(path), engine="pipeline")
+    run_experiment(load_config(path, ["name=adirect"]), engine="direct")
+
+    with MetadataDB(f"sqlite:///{root}/npo.db") as db:
+        (iv,) = db.interventions("auto")
+        assert (iv.kind, iv.at_step, iv.guide_step) == ("auto", 6, 6)
+        (direct_iv,) = db.interventions("adirect")
+        assert (iv.delta, iv.rollback_to) == (direct_iv.delta, direct_iv.rollback_to)
+        assert [c.guide_step for c in db.guidance_caches("auto")] == [6]
+    delta = iv.delta
+    store = open_store((root / "artifacts").as_uri())
+    assert list_checkpoints(store, "auto") == [0, 3, 6]
+    assert list_checkpoints(store, "auto.r1")[-1] == 12
+
+    # windows ending at 3 and 9 kept going (Else branch); the one ending at 6 took the If
+    # branch: rollback -> guidance -> verify -> replay on lineage r1
+    tasks = _tasks(root / "auto")
+    assert {"rollback-2", "generate-guidance-2", "verify-2", "train-segment-2-2"} <= set(tasks)
+    assert {"keep", "keep-3"} <= set(tasks) and "rollback" not in tasks
+    rows = load_history(root / "auto" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(12 + delta + 1))
+    assert _comparable(rows) == _comparable(load_history(root / "adirect" / "metrics.jsonl"))
+    assert summary["replayed policy steps"] == delta
+
+
+def test_a_failing_task_fails_the_run_with_its_log(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    # RLEP replays a finished run that does not exist: the guidance task fails
+    path = write_tiny_config(
+        tmp_path / "r.yaml", root, "rlep", 3, method="rlep", baselines={"rlep_run": "ghost"}
+    )
+    with pytest.raises(PipelineFailed, match=r"pipeline\.log") as info:
+        run_experiment(load_config(path), engine="pipeline")
+    log = (root / "rlep" / "pipeline.log").read_text()
+    assert "guide run 'ghost': no checkpoint in the store" in log
+    assert str(info.value).startswith(
+        "task 'generate-guidance' failed: stage 'guidance' failed: RunConflict: guide run "
+        "'ghost': no checkpoint in the store (task logs: "
+    )
+    with MetadataDB(f"sqlite:///{root}/npo.db") as db:
+        assert db.get_run("rlep").status == "failed"
+
+    result = CliRunner().invoke(app, ["run", str(path), "--quiet"])
+    assert result.exit_code == 1
+    flat = " ".join(result.output.split())  # rich wraps long lines
+    assert "run failed: task 'generate-guidance' failed: stage 'guidance' failed" in flat

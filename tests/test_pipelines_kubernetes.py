@@ -1,0 +1,297 @@
+"""Kubernetes settings in the compiled pipeline YAML, from the config's `cluster:` section.
+
+Checks every task of the compiled graph (sub-pipelines and condition branches included):
+Secrets as environment variables by name only, the accelerator on the train and guidance
+stages alone, node selector and tolerations when configured, retries on the stateful
+stages, caching off everywhere, and no credential anywhere in the YAML.
+
+Run: .venv/bin/python -m pytest tests/test_pipelines_kubernetes.py -q
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytest.importorskip("kfp")
+
+from kfp import compiler
+
+from npo.config import ConfigError, ExperimentConfig, load_config
+from npo.pipelines.build import build_pipeline
+from npo.pipelines.compile import pipeline_yaml
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Component function -> the stage it runs (docs/stages-api.md).
+STAGE_OF = {
+    "prepare": "prepare",
+    "train_segment": "train",
+    "generate_guidance": "guidance",
+    "verify": "verify",
+    "detect_plateau": "detect",
+    "rollback": "rollback",
+    "evaluate": "evaluate",
+    "report": "report",
+    "keep": "keep",
+}
+STATEFUL = {"prepare", "train", "guidance", "rollback"}
+PASSWORD = "hunter2"
+
+
+def compile_text(name: str, *overrides: str, local: bool = False) -> str:
+    """The YAML of configs/<name>.yaml with overrides (local: as `npo run` builds it)."""
+    cfg = load_config(CONFIGS / f"{name}.yaml", list(overrides))
+    if not local:
+        return pipeline_yaml(cfg, "test")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p.yaml"
+        compiler.Compiler().compile(build_pipeline(cfg, local=True), str(path))
+        return path.read_text()
+
+
+class Compiled:
+    """A compiled pipeline: its tasks, each with its stage, executor and platform config."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        docs = list(yaml.safe_load_all(text))
+        self.spec = docs[0]
+        platform = docs[1] if len(docs) > 1 else {}
+        self.platform = platform.get("platforms", {}).get("kubernetes", {})
+
+    def _walk(self, dag: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        for task in dag.get("tasks", {}).values():
+            yield task
+            component = self.spec["components"][task["componentRef"]["name"]]
+            if "dag" in component:
+                yield from self._walk(component["dag"])
+
+    def all_tasks(self) -> list[dict[str, Any]]:
+        """Every task, container or DAG (sub-pipelines, condition branches)."""
+        return list(self._walk(self.spec["root"]["dag"]))
+
+    def stage_tasks(self) -> Iterator[tuple[str, dict[str, Any], str]]:
+        """(stage, task, executor label) of every container task."""
+        for task in self.all_tasks():
+            component = self.spec["components"][task["componentRef"]["name"]]
+            label = component.get("executorLabel")
+            if label is None:
+                continue
+            args = self.spec["deploymentSpec"]["executors"][label]["container"]["args"]
+            function = args[args.index("--function_to_execute") + 1]
+            yield STAGE_OF[function], task, label
+
+    def container(self, label: str) -> dict[str, Any]:
+        return self.spec["deploymentSpec"]["executors"][label]["container"]
+
+    def k8s(self, label: str) -> dict[str, Any]:
+        return self.platform.get("deploymentSpec", {}).get("executors", {}).get(label, {})
+
+
+def secrets_of(k8s: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """{secret name: {key: env var}} of one executor's platform config."""
+    return {
+        s["secretName"]: {m["secretKey"]: m["envVar"] for m in s["keyToEnv"]}
+        for s in k8s.get("secretAsEnv", [])
+    }
+
+
+@pytest.fixture(scope="module")
+def autonpo_default() -> Compiled:
+    return Compiled(compile_text("toy_autonpo", "train.steps=30"))
+
+
+# --------------------------------------------------------------------------- defaults
+def test_every_stage_gets_the_credential_secrets_by_name(autonpo_default):
+    stages = set()
+    for stage, _, label in autonpo_default.stage_tasks():
+        stages.add(stage)
+        if stage == "keep":  # forwards a string: no credentials, no resources
+            assert autonpo_default.k8s(label) == {}
+            continue
+        assert secrets_of(autonpo_default.k8s(label)) == {
+            "npo-s3": {
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            },
+            "npo-metadata-db": {"NPO_METADATA_URL": "NPO_METADATA_URL"},
+            "npo-mlflow": {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
+        }
+        resources = autonpo_default.container(label)["resources"]
+        assert resources["resourceCpuRequest"] == "1"
+        assert resources["resourceMemoryRequest"] == "4Gi"
+        assert "accelerator" not in resources  # CPU by default
+    assert stages == set(STAGE_OF.values())
+
+
+def test_caching_is_off_for_every_task(autonpo_default):
+    tasks = autonpo_default.all_tasks()
+    assert len(tasks) > 20
+    for task in tasks:
+        assert not task.get("cachingOptions", {}).get("enableCache", False), task["taskInfo"]
+    assert "enableCache: true" not in autonpo_default.text
+
+
+def test_stateful_stages_retry_with_backoff_and_the_others_do_not(autonpo_default):
+    seen = set()
+    for stage, task, _ in autonpo_default.stage_tasks():
+        seen.add(stage)
+        if stage in STATEFUL:
+            assert task["retryPolicy"] == {
+                "maxRetryCount": 2,
+                "backoffDuration": "60s",
+                "backoffFactor": 2.0,
+                "backoffMaxDuration": "3600s",
+            }
+        else:
+            assert "retryPolicy" not in task, (stage, task["taskInfo"])
+    assert seen >= STATEFUL
+
+
+def test_retry_settings_follow_the_config():
+    compiled = Compiled(
+        compile_text(
+            "toy_grpo",
+            "cluster.retry.count=5",
+            "cluster.retry.backoff=10s",
+            "cluster.retry.factor=3",
+        )
+    )
+    policies = [t["retryPolicy"] for s, t, _ in compiled.stage_tasks() if s in STATEFUL]
+    assert policies and all(p["maxRetryCount"] == 5 for p in policies)
+    assert all(p["backoffDuration"] == "10s" and p["backoffFactor"] == 3.0 for p in policies)
+    none = Compiled(compile_text("toy_grpo", "cluster.retry.count=0"))
+    assert not [t for _, t, _ in none.stage_tasks() if "retryPolicy" in t]
+
+
+# --------------------------------------------------------------------------- configured
+def test_accelerator_node_selector_tolerations_and_env_when_configured():
+    compiled = Compiled(
+        compile_text(
+            "toy_npo",
+            "cluster.accelerator_type=nvidia.com/gpu",
+            "cluster.accelerator_count=2",
+            "cluster.node_selector={pool: gpu, zone: a}",
+            "cluster.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
+            "cluster.env={AWS_ENDPOINT_URL: 'http://seaweedfs:8333'}",
+            "cluster.cpu_request=4",
+            "cluster.memory_request=16Gi",
+            "cluster.memory_limit=24Gi",
+        )
+    )
+    stages = set()
+    for stage, _, label in compiled.stage_tasks():
+        stages.add(stage)
+        resources = compiled.container(label)["resources"]
+        k8s = compiled.k8s(label)
+        if stage in {"train", "guidance"}:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert resources["accelerator"]["resourceCount"] == "2"
+        else:
+            assert "accelerator" not in resources, stage
+        assert resources["resourceCpuRequest"] == "4"
+        assert resources["resourceMemoryRequest"] == "16Gi"
+        assert resources["resourceMemoryLimit"] == "24Gi"
+        assert k8s["nodeSelector"] == {"labels": {"pool": "gpu", "zone": "a"}}
+        assert k8s["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+        assert compiled.container(label)["env"] == [
+            {"name": "AWS_ENDPOINT_URL", "value": "http://seaweedfs:8333"}
+        ]
+    assert {"train", "guidance", "verify"} <= stages
+
+
+def test_gpu_steps_choose_which_stages_get_the_accelerator():
+    compiled = Compiled(
+        compile_text(
+            "toy_autonpo",
+            "train.steps=20",
+            "cluster.accelerator_type=nvidia.com/gpu",
+            "cluster.gpu_steps=[train, guidance, rollback, detect]",
+        )
+    )
+    with_gpu = {
+        stage
+        for stage, _, label in compiled.stage_tasks()
+        if "accelerator" in compiled.container(label).get("resources", {})
+    }
+    assert with_gpu == {"train", "guidance", "rollback", "detect"}
+
+
+def test_no_credential_reaches_the_yaml():
+    text = compile_text(
+        "toy_grpo",
+        f"store.metadata_url=postgresql+psycopg://npo:{PASSWORD}@db:5432/npo",
+        f"tracking.tracking_uri=https://mlflow:{PASSWORD}@mlflow.example:5000",
+        "store.artifacts_uri=s3://bucket/prefix",
+    )
+    assert PASSWORD not in text
+    assert "postgresql+psycopg://npo:***@db:5432/npo" in text  # redacted, not dropped
+    compiled = Compiled(text)
+    for _, _, label in compiled.stage_tasks():
+        for secret in compiled.k8s(label).get("secretAsEnv", []):
+            assert set(secret) <= {"secretName", "secretNameParameter", "keyToEnv", "optional"}
+
+
+def test_local_pipeline_has_no_kubernetes_settings():
+    compiled = Compiled(compile_text("toy_autonpo", "train.steps=30", local=True))
+    assert compiled.platform == {}
+    for _, task, label in compiled.stage_tasks():
+        assert "retryPolicy" not in task
+        assert "resources" not in compiled.container(label)
+    assert all(not t.get("cachingOptions", {}).get("enableCache") for t in compiled.all_tasks())
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("cluster.image=ghcr.io/npo-project/npo:latest", "cluster.image"),
+        ("cluster.image=npo", "cluster.image"),
+        ("cluster.cpu_request=two", "cluster.cpu_request"),
+        ("cluster.memory_request=4GB", "cluster.memory_request"),
+        ("cluster.retry.backoff=1m", "cluster.retry.backoff"),
+        ("cluster.gpu_steps=[train, keep]", "cluster.gpu_steps"),
+        ("cluster.tolerations=[{operator: Sometimes}]", "cluster.tolerations"),
+        ("cluster.secrets=[{env: {a: B}}]", "cluster.secrets"),
+    ],
+)
+def test_bad_cluster_settings_are_refused_naming_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert field in str(info.value)
+
+
+def test_cluster_defaults_are_valid_and_documented():
+    cluster = ExperimentConfig().cluster
+    assert ":" in cluster.image and not cluster.image.endswith(":latest")
+    assert cluster.accelerator_type is None
+    for name, field in type(cluster).model_fields.items():
+        assert field.description, f"cluster.{name} has no description"
+
+
+def test_runs_volume_is_mounted_on_every_stage_and_becomes_store_root(monkeypatch, tmp_path):
+    compiled = Compiled(
+        compile_text("toy_grpo", "cluster.runs_volume=npo-runs", "cluster.runs_mount=/mnt/r")
+    )
+    for stage, _, label in compiled.stage_tasks():
+        if stage == "keep":
+            continue
+        (mount,) = compiled.k8s(label)["pvcMount"]
+        assert (mount["constant"], mount["mountPath"]) == ("npo-runs", "/mnt/r"), stage
+        assert {"name": "NPO_STORE_ROOT", "value": "/mnt/r"} in compiled.container(label)["env"]
+    # ... and a step that finds NPO_STORE_ROOT keeps its run folders there
+    import json
+
+    from npo.config import public_dump
+    from npo.stages import config_from_json
+
+    cfg = load_config(CONFIGS / "toy_grpo.yaml")
+    monkeypatch.setenv("NPO_STORE_ROOT", str(tmp_path))
+    assert config_from_json(json.dumps(public_dump(cfg))).store.root == tmp_path
