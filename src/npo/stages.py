@@ -33,6 +33,7 @@ from npo.guidance.sources import (
     GoldTeacher,
     TrajectorySource,
 )
+from npo.policy.model import use_device
 from npo.report import load_history, write_report
 from npo.report_html import curves_html
 from npo.steps.context import ProgressFn, RunConflict, RunContext, open_run
@@ -449,6 +450,7 @@ def run_stage(name: str, config: str, progress: ProgressFn | None = None, **para
         raise ValueError(f"unknown stage {name!r}; one of {sorted(STAGES)}")
     cfg = config_from_json(config)
     torch.set_num_threads(cfg.train.threads)
+    use_device(cfg.model.device)
     # No tqdm bars from transformers in task logs (and none of the multiprocessing lock
     # tqdm creates per process, which a forked step-server worker would leak).
     hf_logging.disable_progress_bar()

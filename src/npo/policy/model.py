@@ -23,6 +23,19 @@ from npo.config import ModelConfig, TinyModelConfig
 from npo.policy.tokenizer import build_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_device = torch.device("cpu")  # where loaded policies go; set per run by use_device
+
+
+def use_device(name: str) -> torch.device:
+    """Place the policies this process builds or loads on `name` ("auto": cuda when one is
+    visible, else cpu); returns the device. One process runs one run (a stage, a task)."""
+    global _device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device=cuda but no CUDA device is visible")
+    _device = torch.device(name)
+    return _device
 
 
 def build_tiny_model(
@@ -68,7 +81,7 @@ def init_policy(
     if cfg.source == "tiny":
         tokenizer = build_char_tokenizer(alphabet)
         model = build_tiny_model(cfg.tiny, tokenizer, seed)
-        return model.to(DTYPES[cfg.dtype]), tokenizer
+        return model.to(device=_device, dtype=DTYPES[cfg.dtype]), tokenizer
     return load_policy(Path(cfg.source), cfg.dtype)
 
 
@@ -81,7 +94,7 @@ def load_policy(
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(_device)
     _plain_generation_config(model, tokenizer)
     return model, tokenizer
 

@@ -139,6 +139,10 @@ def open_run(
             f"same config, pick another name (--set name=...), or pass --fresh to restart it"
         )
     # Validate every external thing before creating anything on disk.
+    if cfg.rollout.backend == "vllm":
+        from npo.rollout.vllm import check_available
+
+        check_available()
     task = make_task(cfg.task)
     store = open_store(artifacts_uri)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from npo.rollout import RolloutBatch, sample
+from npo.rollout import RolloutBatch, rollout
 from npo.steps.context import RunContext
 from npo.tasks import Problem
 from npo.training.seeding import derive_seed, seed_everything
@@ -38,14 +38,7 @@ def sample_checkpoint(
     cfg, ro = ctx.cfg, ctx.cfg.rollout
     loaded = load_train_state(ctx.store, checkpoint[0], checkpoint[1], cfg.model.dtype)
     seed_everything(derive_seed(cfg.seed, seed_step, stream=stream))
-    batch = sample(
-        loaded.model,
-        loaded.tokenizer,
-        [p.prompt for p in problems],
-        n=n,
-        temperature=ro.temperature,
-        max_new_tokens=ro.max_new_tokens,
-    )
+    batch = rollout(ro, loaded.model, loaded.tokenizer, [p.prompt for p in problems], n)
     verdicts = ctx.task.verify_batch(
         [problems[i] for i in batch.prompt_index.tolist()], batch.texts
     )

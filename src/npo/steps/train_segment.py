@@ -21,7 +21,7 @@ from npo.algo import compute_advantages, zero_variance_fraction
 from npo.algo.npo import offpolicy_stats, old_logprobs_for_mix, pass_rates
 from npo.guidance.inject import inject_guidance
 from npo.guidance.sources import TrajectorySource
-from npo.rollout import RolloutBatch, sample
+from npo.rollout import RolloutBatch, rollout
 from npo.steps.context import RunContext
 from npo.steps.evaluate import evaluate_policy
 from npo.store.checkpoint import list_checkpoints
@@ -154,14 +154,7 @@ def train_segment(
         problems = [train[i] for i in idx]
         if source is not None:
             problems = source.select(problems, step)
-        batch = sample(
-            model,
-            tokenizer,
-            [p.prompt for p in problems],
-            n=ro.group_size,
-            temperature=ro.temperature,
-            max_new_tokens=ro.max_new_tokens,
-        )
+        batch = rollout(ro, model, tokenizer, [p.prompt for p in problems], ro.group_size)
         t_rollout = time.perf_counter() - t0
         sampled_tokens = batch.num_response_tokens
         verdicts = ctx.task.verify_batch(

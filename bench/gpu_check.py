@@ -1,0 +1,207 @@
+"""GPU check: a short toy training in bf16, and rollout / training throughput of a larger model.
+
+On a CUDA machine (the `device` tool's H100/H200):
+
+1. toy: the toy GRPO experiment (configs/toy_grpo.yaml) for --toy-steps RL steps in bf16 on
+   the GPU, through the same stages `npo run --engine direct` calls: warm-up, RL, evaluation.
+   Prints the accuracy before/after and the step time.
+2. throughput: a Qwen2-0.5B-shaped Llama-style model (random weights, bf16; no download is
+   possible on the device machine) — HF `generate` rollouts (static KV cache, sampling at
+   temperature 1) in generated tokens/s, and our PPO update (forward + backward + AdamW on
+   prompt+response batches) in tokens/s, each the median of --repeats timed calls after a
+   warm-up call. With vLLM installed, the same rollout through npo.rollout.vllm too.
+
+    python bench/gpu_check.py                   # on the GPU machine, ~3 minutes
+    python bench/gpu_check.py --smoke           # seconds on CPU: checks the script runs
+Writes --json (default gpu-check.json); asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+# The device machine has no installed copy of this package: run it from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from transformers.utils import logging as hf_logging
+
+from npo.config import load_config
+
+hf_logging.disable_progress_bar()
+
+QWEN2_05B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "intermediate_size": 4864}
+
+
+def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
+    """The toy GRPO run in bf16 on `device`, through the stages, in a temporary store."""
+    from npo import stages
+    from npo.engine import train
+    from npo.policy.model import use_device
+    from npo.steps.context import open_run
+
+    sets = [
+        "tracking.enabled=false",
+        f"train.steps={steps}",
+        "train.checkpoint_every=10",
+        "train.threads=4",
+        f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}",
+        f"model.device={device}",
+    ]
+    if smoke:
+        sets += ["warmup.steps=20", "warmup.target_accuracy=null", "task.n_eval=32"]
+    with tempfile.TemporaryDirectory() as root:
+        cfg = load_config("configs/toy_grpo.yaml", [*sets, f"store.root={root}"])
+        ctx = open_run(cfg)
+        use_device(device)
+        started = time.perf_counter()
+        stages.prepare(ctx)
+        warm = time.perf_counter() - started
+        train(ctx)
+        summary = stages.report(ctx)["summary"]
+        ctx.close()
+    return {
+        "dtype": cfg.model.dtype,
+        "warmup_s": warm,
+        "rl_steps": steps,
+        "rl_s": time.perf_counter() - started - warm,
+        "start_accuracy": summary["warm-up accuracy"],
+        "final_accuracy": summary["final accuracy"],
+    }
+
+
+def _median_time(fn: Any, repeats: int, device: str) -> tuple[float, Any]:
+    out = fn()  # warm-up (compilation, allocator)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def throughput(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Rollout and PPO-update tokens/s of a larger random-weight model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from npo.config import AlgoConfig
+    from npo.rollout.batch import RolloutBatch
+    from npo.rollout.hf import response_mask_from_ids
+    from npo.training.rl_step import ppo_update
+
+    shape = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
+    shape = shape if args.smoke else QWEN2_05B
+    vocab = 512 if args.smoke else 151_936
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=shape["hidden_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=max(1, shape["num_heads"] // 7),
+        intermediate_size=shape["intermediate_size"],
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters())
+    batch, prompt_len, new = args.batch, args.prompt_len, args.new_tokens
+    prompts = torch.randint(3, vocab, (batch, prompt_len), device=device)
+
+    def generate() -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=True,
+                temperature=1.0,
+                top_k=None,
+                top_p=None,
+                max_new_tokens=new,
+                min_new_tokens=new,  # fixed length: tokens/s comparable across runs
+                cache_implementation="static" if device == "cuda" else None,
+                pad_token_id=0,
+            )
+
+    gen_s, seqs = _median_time(generate, args.repeats, device)
+    response = seqs[:, prompt_len:]
+    rollout = RolloutBatch(
+        prompt_ids=prompts.cpu(),
+        prompt_mask=torch.ones_like(prompts).cpu(),
+        response_ids=response.cpu(),
+        response_mask=response_mask_from_ids(response, -1).cpu(),
+        logprobs=torch.zeros(response.shape, dtype=torch.float32),
+        texts=[""] * batch,
+        prompt_index=torch.arange(batch),
+    ).to(device)
+    algo = AlgoConfig(lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr)
+    advantages = torch.randn(batch, device=device)
+    model.train()
+
+    def update() -> dict[str, float]:
+        return ppo_update(model, optimizer, rollout, advantages, algo, 1.0)
+
+    train_s, _ = _median_time(update, args.repeats, device)
+    out = {
+        "params_m": params / 1e6,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new,
+        "rollout_tokens_per_s": batch * new / gen_s,
+        "train_tokens_per_s": batch * (prompt_len + new) / train_s,
+    }
+    if device == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="Tiny sizes, CPU allowed.")
+    ap.add_argument("--toy-steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=Path("gpu-check.json"))
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        sys.exit("no CUDA device: run this on a GPU machine, or pass --smoke to check the script")
+    if args.smoke:
+        args.toy_steps, args.batch, args.prompt_len, args.new_tokens = 3, 4, 8, 8
+        args.repeats = 1
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    report["toy"] = toy(args.toy_steps, device, args.smoke)
+    print(json.dumps({"toy": report["toy"]}), flush=True)
+    report["throughput"] = throughput(args, device)
+    print(json.dumps({"throughput": report["throughput"]}), flush=True)
+    args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
