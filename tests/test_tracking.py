@@ -202,3 +202,22 @@ def test_null_tracker_when_disabled(tmp_path) -> None:
     tr.flush()
     tr.finish("FAILED")
     assert not (tmp_path / "runs").exists()
+
+
+def test_lazy_tracker_connects_on_first_log_only() -> None:
+    from npo.store.tracking import LazyTracker, NullTracker
+
+    made: list[NullTracker] = []
+
+    def connect() -> NullTracker:
+        made.append(NullTracker())
+        return made[-1]
+
+    lazy = LazyTracker("run-123", connect)
+    assert lazy.run_id == "run-123"
+    lazy.flush()  # nothing logged: nothing to connect for
+    assert made == []
+    lazy.log_metrics({"loss": 1.0}, step=1)
+    lazy.set_tags({"a": "b"})
+    lazy.flush()
+    assert len(made) == 1

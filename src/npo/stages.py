@@ -455,7 +455,7 @@ def run_stage(name: str, config: str, progress: ProgressFn | None = None, **para
     # tqdm creates per process, which a forked step-server worker would leak).
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    ctx = open_run(cfg, progress=progress)
+    ctx = open_run(cfg, progress=progress, lazy_tracking=True)
     try:
         ctx.db.set_run_status(ctx.run_id, "running")
         result = STAGES[name](ctx, **params)

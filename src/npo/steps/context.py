@@ -120,9 +120,15 @@ def artifacts_uri_of(cfg: ExperimentConfig) -> str:
 
 
 def open_run(
-    cfg: ExperimentConfig, fresh: bool = False, progress: ProgressFn | None = None
+    cfg: ExperimentConfig,
+    fresh: bool = False,
+    progress: ProgressFn | None = None,
+    lazy_tracking: bool = False,
 ) -> RunContext:
-    """Create or re-open the run named `cfg.name` (fresh=True wipes a previous one)."""
+    """Create or re-open the run named `cfg.name` (fresh=True wipes a previous one).
+
+    lazy_tracking: a re-opened run connects to MLflow only when something is logged (the
+    pipeline's tasks: most checks log nothing)."""
     run_dir = (cfg.store.root / cfg.name).resolve()
     artifacts_uri = artifacts_uri_of(cfg)
     text = _config_text(cfg)
@@ -154,7 +160,11 @@ def open_run(
     info_path = run_dir / "run.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     tracker = make_tracker(
-        cfg.tracking, cfg.store.root.resolve(), cfg.name, resume_run_id=info.get("mlflow_run_id")
+        cfg.tracking,
+        cfg.store.root.resolve(),
+        cfg.name,
+        resume_run_id=info.get("mlflow_run_id"),
+        lazy=lazy_tracking,
     )
     if tracker.run_id and info.get("mlflow_run_id") != tracker.run_id:
         info["mlflow_run_id"] = tracker.run_id

@@ -389,16 +389,61 @@ def _latest_steps(run: Any, history_step: Callable[[str], int | None]) -> dict[s
     return {key: step for key, step in steps.items() if step is not None}
 
 
+class LazyTracker:
+    """A resumed run's tracker that connects on first use: a pipeline task that logs
+    nothing (a plateau check, a verification) then never pays for opening the MLflow store
+    (~0.1 s per task). `run_id` is known without connecting."""
+
+    def __init__(self, run_id: str, connect: Callable[[], Tracker]) -> None:
+        self.run_id = run_id
+        self._connect = connect
+        self._tracker: Tracker | None = None
+
+    def _get(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = self._connect()
+        return self._tracker
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._get().log_params(params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._get().log_metrics(metrics, step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._get().log_artifact(path, artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._get().set_tags(tags)
+
+    def flush(self) -> None:
+        if self._tracker is not None:
+            self._tracker.flush()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._get().finish(status)
+
+
 def default_tracking_uri(root: Path) -> str:
     """The local store used when no URI is configured: SQLite under the runs root."""
     return f"sqlite:///{(Path(root).resolve() / 'mlflow.db').as_posix()}"
 
 
 def make_tracker(
-    cfg: TrackingConfig, root: Path, run_name: str, resume_run_id: str | None = None
+    cfg: TrackingConfig,
+    root: Path,
+    run_name: str,
+    resume_run_id: str | None = None,
+    lazy: bool = False,
 ) -> Tracker:
-    """The tracker for a run: `NullTracker` when disabled, else an `MlflowTracker`."""
+    """The tracker for a run: `NullTracker` when disabled, else an `MlflowTracker`;
+    lazy (with a run to resume): a `LazyTracker` that connects on first use."""
     if not cfg.enabled:
         return NullTracker()
     uri = cfg.tracking_uri or default_tracking_uri(root)
+    if lazy and resume_run_id:
+        return LazyTracker(
+            resume_run_id,
+            lambda: MlflowTracker(uri, cfg.experiment, run_name, resume_run_id=resume_run_id),
+        )
     return MlflowTracker(uri, cfg.experiment, run_name, resume_run_id=resume_run_id)
