@@ -16,7 +16,6 @@ import contextlib
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import pytest
 import yaml
 
 from npo.config import ClusterConfig, load_config
+from npo.devservices._proc import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "npo"
@@ -516,16 +516,7 @@ def test_init_script_creates_buckets_and_migrates(
 
 # ----------------------------------------------------------------------------- servers, for real
 def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    stop_group(proc, grace)
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:

@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from npo.devservices._proc import HOST, die_with_parent, free_port
+from npo.devservices._proc import HOST, die_with_parent, free_port, stop_group
 
 __all__ = ["HOST", "MlflowServer", "free_port", "mlflow_binary"]
 
@@ -135,14 +135,7 @@ class MlflowServer:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_group(proc, grace)
         with contextlib.suppress(ProcessLookupError):  # workers left behind by the master
             os.killpg(proc.pid, signal.SIGKILL)
 
