@@ -19,13 +19,18 @@ from npo.store.metadata import MetadataDB
 
 def intervention_events(db: MetadataDB, run_id: str) -> list[dict[str, Any]]:
     """The run's interventions as report events at their global step."""
+    return events_of(db.interventions(run_id))
+
+
+def events_of(ivs: list[Any]) -> list[dict[str, Any]]:
+    """Intervention rows as report events ({"step": global step, "label", "kind"})."""
     return [
         {
             "step": int(iv.signals.get("global_step", iv.at_step)),
             "label": f"Δ={iv.delta}, from {iv.rollback_to}",
             "kind": iv.kind,
         }
-        for iv in db.interventions(run_id)
+        for iv in ivs
     ]
 
 

@@ -104,11 +104,10 @@ def final_checkpoint(ctx: RunContext) -> tuple[str, int]:
     return found
 
 
-def _latest_row(ctx: RunContext, run_id: str) -> dict[str, float]:
-    """The newest metrics of `run_id`'s history, with the newest eval carried forward."""
-    rows = load_history(context_for(ctx, run_id).history_path)
+def _latest_values(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The last value of every metric in `rows` (the newest eval carried forward)."""
     out: dict[str, float] = {}
-    for row in rows:  # later rows overwrite: the last value of every key
+    for row in rows:  # later rows overwrite
         out.update({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
     return out
 
@@ -128,19 +127,19 @@ def _source(ctx: RunContext, guidance: str) -> TrajectorySource | None:
     return None
 
 
-def curves_markdown(ctx: RunContext, upto_step: int) -> str:
-    """Eval accuracy so far and the interventions, as Markdown for the KFP UI."""
-    rows = [r for r in load_history(ctx.history_path) if r["step"] <= upto_step]
-    evals = [r for r in rows if "eval/accuracy" in r]
-    lines = [f"### {ctx.cfg.method} · {ctx.root_id} · global step {upto_step}", ""]
+def curves_markdown(ctx: RunContext, rows: list[dict[str, Any]], ivs: list[Any]) -> str:
+    """The eval table of `rows` and the interventions `ivs`, as Markdown for the KFP UI."""
+    upto = rows[-1]["step"] if rows else 0
+    lines = [f"### {ctx.cfg.method} · {ctx.root_id} · global step {upto}", ""]
     lines += ["| global step | policy step | eval accuracy | train reward |", "|---|---|---|---|"]
-    for r in evals:
+    for r in rows:
+        if "eval/accuracy" not in r:
+            continue
         reward = r.get("reward/mean")
         lines.append(
             f"| {r['step']} | {r['policy_step']} | {r['eval/accuracy']:.3f} | "
             + (f"{reward:.3f} |" if reward is not None else "– |")
         )
-    ivs = ctx.db.interventions(ctx.root_id)
     if ivs:
         lines += [
             "",
@@ -154,14 +153,20 @@ def curves_markdown(ctx: RunContext, upto_step: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curves_page(ctx: RunContext, upto_step: int) -> str:
-    """The curves so far as a self-contained HTML page (SVG chart) for the KFP UI."""
-    from npo.experiment import intervention_events
+def train_outputs(run: RunContext, global_step: int) -> dict[str, Any]:
+    """What a train task shows in the KFP UI, from one read of the history: the last
+    metrics, the eval table (Markdown) and the curves so far (HTML with an SVG chart)."""
+    from npo.experiment import events_of
 
-    rows = [r for r in load_history(ctx.history_path) if r["step"] <= upto_step]
-    events = [e for e in intervention_events(ctx.db, ctx.root_id) if e["step"] <= upto_step]
-    title = f"{ctx.cfg.method} · {ctx.run_id} · global step {upto_step}"
-    return curves_html(title, rows, events)
+    rows = [r for r in load_history(run.history_path) if r["step"] <= global_step]
+    ivs = run.db.interventions(run.root_id)
+    events = [e for e in events_of(ivs) if e["step"] <= global_step]
+    title = f"{run.cfg.method} · {run.run_id} · global step {global_step}"
+    return {
+        "metrics": _latest_values(rows),
+        "markdown": curves_markdown(run, rows, ivs),
+        "html": curves_html(title, rows, events),
+    }
 
 
 # --------------------------------------------------------------------------- stages
@@ -196,9 +201,7 @@ def train(
         "run_id": run_id,
         "policy_step": end,
         "global_step": global_step,
-        "metrics": _latest_row(ctx, run_id),
-        "markdown": curves_markdown(run, global_step),
-        "html": curves_page(run, global_step),
+        **train_outputs(run, global_step),
     }
 
 
