@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 OUT = ROOT / "images" / "requirements-cuda.lock"
@@ -33,10 +35,6 @@ RELAXED = {
 }
 
 
-def canonical(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def read_lock(path: Path) -> dict[str, str]:
     """{canonical name: version} of a `name==version` file (comments and blanks skipped)."""
     pins = {}
@@ -44,7 +42,7 @@ def read_lock(path: Path) -> dict[str, str]:
         line = line.split("#", 1)[0].strip()
         if line:
             name, version = line.split("==")
-            pins[canonical(name)] = version
+            pins[canonicalize_name(name)] = version
     return pins
 
 
@@ -73,7 +71,7 @@ def main() -> int:
     pins = sorted(
         (item["metadata"]["name"], item["metadata"]["version"])
         for item in resolved
-        if canonical(item["metadata"]["name"]) != "npo"
+        if canonicalize_name(item["metadata"]["name"]) != "npo"
     )
     header = [
         "# Pinned set of images/Dockerfile.cuda: npo[cluster,vllm] on Python 3.11, Linux x86_64.",
