@@ -49,7 +49,6 @@ def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
     """The toy GRPO run in bf16 on `device`, through the stages, in a temporary store."""
     from npo import stages
     from npo.engine import train
-    from npo.policy.model import use_device
     from npo.steps.context import open_run
 
     sets = [
@@ -65,7 +64,7 @@ def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config("configs/toy_grpo.yaml", [*sets, f"store.root={root}"])
         ctx = open_run(cfg)
-        use_device(device)
+        stages.use_compute(cfg)  # threads and model.device, as every stage does
         started = time.perf_counter()
         stages.prepare(ctx)
         warm = time.perf_counter() - started

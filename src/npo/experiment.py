@@ -112,15 +112,11 @@ def run_experiment(
         return run_pipeline(cfg, fresh=fresh, progress=progress)
     if engine != "direct":
         raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
-    import torch
-
     from npo import stages
     from npo.engine import train
-    from npo.policy.model import use_device
 
     ctx = open_run(cfg, fresh=fresh, progress=progress)
-    torch.set_num_threads(cfg.train.threads)
-    use_device(cfg.model.device)
+    stages.use_compute(cfg)
     status = "FAILED"
     try:
         ctx.db.set_run_status(ctx.run_id, "running")

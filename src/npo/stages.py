@@ -444,6 +444,13 @@ def config_from_json(config: str) -> ExperimentConfig:
     return cfg
 
 
+def use_compute(cfg: ExperimentConfig) -> None:
+    """Where and how this process computes for a run: torch threads and the policy device
+    (every entry point that trains calls this: a stage, the in-process engine)."""
+    torch.set_num_threads(cfg.train.threads)
+    use_device(cfg.model.device)
+
+
 def run_stage(name: str, config: str, progress: ProgressFn | None = None, **params: Any) -> Result:
     """Open the run of `config`, run stage `name` with `params`, close the run.
 
@@ -452,8 +459,7 @@ def run_stage(name: str, config: str, progress: ProgressFn | None = None, **para
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; one of {sorted(STAGES)}")
     cfg = config_from_json(config)
-    torch.set_num_threads(cfg.train.threads)
-    use_device(cfg.model.device)
+    use_compute(cfg)
     # No tqdm bars from transformers in task logs (and none of the multiprocessing lock
     # tqdm creates per process, which a forked step-server worker would leak).
     hf_logging.disable_progress_bar()
