@@ -75,14 +75,22 @@ def warmup(ctx: RunContext) -> dict[str, float]:
 def _warmup_identity(data: dict[str, Any]) -> dict[str, Any]:
     """The config fields that determine checkpoint 0."""
     warm = {k: v for k, v in data["warmup"].items() if k != "init_from"}
+    # where the model runs is not what it is: a CPU warm-up can seed a GPU run
+    model = {k: v for k, v in data["model"].items() if k != "device"}
     return {
         "seed": data["seed"],
         "task": data["task"],
-        "model": data["model"],
+        "model": model,
         "warmup": warm,
         "max_new_tokens": data["rollout"]["max_new_tokens"],
         "eval_size": data["train"]["eval_size"],
     }
+
+
+def warmup_mismatch(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """The parts of two dumped configs that make one's checkpoint 0 not the other's."""
+    a, b = _warmup_identity(theirs), _warmup_identity(ours)
+    return sorted(k for k in b if a.get(k) != b[k])
 
 
 def _reuse(ctx: RunContext, source: str) -> dict[str, float]:
@@ -90,9 +98,10 @@ def _reuse(ctx: RunContext, source: str) -> dict[str, float]:
     source_dir = ctx.run_dir.parent / source
     theirs = yaml.safe_load((source_dir / "config.yaml").read_text())
     ours = public_dump(ctx.cfg)
-    if _warmup_identity(theirs) != _warmup_identity(ours):
+    differ = warmup_mismatch(theirs, ours)
+    if differ:
         raise RunConflict(
-            f"warmup.init_from={source}: that run's seed/task/model/warm-up settings differ "
+            f"warmup.init_from={source}: that run's {', '.join(differ)} settings differ "
             f"from this run's; its checkpoint 0 is not this run's warm-up"
         )
     fork_checkpoint(ctx.store, source, ctx.run_id, 0)
