@@ -16,7 +16,9 @@ through `warmup.init_from`), with the same data order and sampling seeds:
 The warm-up stops at the toy's default target (40%, `--warmup-target`): below ~20% GRPO
 with the toy's learning rate does not move in 150 steps (and neither does a guide trained
 like it), so there is nothing for a near future to show. Compute counts every update of the run
-(replays included) plus look-ahead steps; guidance sampling is reported in tokens.
+(replays included) plus look-ahead steps; guidance sampling is reported in tokens. GRPO trains
+`--grpo-extra` steps past the budget (its row reports it at the budget) so that every method
+can be set against GRPO at the method's own total compute ("GRPO at equal compute").
 
 Run:
     .venv/bin/python bench/npo_vs_grpo.py                       # 3 seeds, all methods
@@ -37,7 +39,7 @@ from npo.config import ExperimentConfig, load_config
 from npo.experiment import run_experiment
 from npo.guidance.cache import list_cache_headers
 from npo.report import load_history
-from npo.report_compare import RunCurves, steps_to_threshold, write_comparison
+from npo.report_compare import RunCurves, accuracy_at, steps_to_threshold, write_comparison
 from npo.steps.context import is_branch
 from npo.store.artifacts import open_store
 
@@ -65,8 +67,10 @@ def config(args: argparse.Namespace, method: str, seed: int) -> ExperimentConfig
     overrides = [
         f"name=s{seed}-{method}",
         f"seed={seed}",
-        f"train.steps={args.steps}",
+        f"train.steps={args.steps + (args.grpo_extra if method == 'grpo' else 0)}",
         f"warmup.target_accuracy={args.warmup_target}",
+        f"train.eval_every={args.eval_every}",
+        f"task.n_eval={args.n_eval}",
         f"store.root={args.out}",
         "tracking.enabled=false",
         "warmup.init_from=null" if method == "grpo" else f"warmup.init_from=s{seed}-grpo",
@@ -77,11 +81,13 @@ def config(args: argparse.Namespace, method: str, seed: int) -> ExperimentConfig
     return load_config(base, overrides)
 
 
-def measure(cfg: ExperimentConfig, threshold: float) -> dict[str, Any]:
+def measure(cfg: ExperimentConfig, threshold: float, cut: int | None = None) -> dict[str, Any]:
+    """One run's figures; `cut` reads a longer run (GRPO's) as if it stopped at that step."""
     started = time.perf_counter()
     summary = run_experiment(cfg)
     wall = time.perf_counter() - started
-    rows = load_history(cfg.store.root / cfg.name / "metrics.jsonl")
+    full = load_history(cfg.store.root / cfg.name / "metrics.jsonl")
+    rows = full if cut is None else [r for r in full if r["step"] <= cut]
     store = open_store((cfg.store.root.resolve() / "artifacts").as_uri())
     headers = list_cache_headers(store, cfg.name)
     lookahead = [
@@ -93,8 +99,10 @@ def measure(cfg: ExperimentConfig, threshold: float) -> dict[str, Any]:
     ahead_before = sum(d for at, d in lookahead if reached is not None and at < reached)
     return {
         "history": rows,
+        "full_history": full,
+        "trained": max(r["step"] for r in full),
         "summary": summary,
-        "final": summary["final accuracy"],
+        "final": accuracy_at(rows, max(r["step"] for r in rows)),
         "start": summary["warm-up accuracy"],
         "steps_to_threshold": reached,
         "compute_to_threshold": None if reached is None else reached + ahead_before,
@@ -114,9 +122,10 @@ def _mean(values: list[float | None]) -> float | None:
 def table(results: dict[str, dict[int, dict[str, Any]]], threshold: float) -> str:
     grpo = results.get("grpo", {})
     lines = [
-        f"| method | start acc | final acc | steps to {threshold:.0%} | GRPO/method (steps) "
-        "| GRPO/method (compute) | updates + look-ahead | guidance tokens | wall (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | start acc | final acc | GRPO at equal compute | steps to {threshold:.0%} "
+        "| GRPO/method (steps) | GRPO/method (compute) | updates + look-ahead "
+        "| guidance tokens | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, by_seed in results.items():
         seeds = sorted(by_seed)
@@ -127,10 +136,20 @@ def table(results: dict[str, dict[int, dict[str, Any]]], threshold: float) -> st
         ratio = f"{g_steps / steps:.2f}" if steps and g_steps else "-"
         c_ratio = f"{g_steps / compute:.2f}" if compute and g_steps else "-"
         reached = sum(r["steps_to_threshold"] is not None for r in rows)
+        # GRPO's accuracy after as many updates (+ look-ahead) as this method spent
+        par = _mean(
+            [
+                accuracy_at(grpo[s]["full_history"], r["total_compute"])
+                if s in grpo and r["total_compute"] <= grpo[s]["trained"]
+                else None
+                for s, r in zip(seeds, rows, strict=True)
+            ]
+        )
         lines.append(
             f"| {method} | {statistics.fmean(r['start'] for r in rows):.3f} "
             f"| {statistics.fmean(r['final'] for r in rows):.3f} "
             f"± {statistics.pstdev(r['final'] for r in rows):.3f} "
+            f"| {'-' if par is None else f'{par:.3f}'} "
             f"| {f'{steps:.1f}' if steps else f'{reached}/{len(rows)} reached'} | {ratio} "
             f"| {c_ratio} | {statistics.fmean(r['total_compute'] for r in rows):.0f} "
             f"| {statistics.fmean(r['guidance_tokens'] for r in rows):.0f} "
@@ -146,8 +165,15 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=DEFAULT, choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument(
+        "--grpo-extra", type=int, default=60, help="GRPO steps past --steps (equal compute)"
+    )
     p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--warmup-target", type=float, default=0.4)
+    # finer and larger than make run's eval: steps to threshold are read off this curve, and
+    # 256 greedy answers carry about +-3 points of sampling noise
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--n-eval", type=int, default=512)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--set", nargs="*", default=[], help="extra key=value for every run")
     args = p.parse_args()
@@ -158,7 +184,8 @@ def main() -> None:
     for seed in args.seeds:
         for method in methods:
             print(f"seed {seed} · {method} ...", flush=True)
-            results[method][seed] = measure(config(args, method, seed), args.threshold)
+            cut = args.steps if method == "grpo" else None
+            results[method][seed] = measure(config(args, method, seed), args.threshold, cut)
             # the table so far, so an interrupted bench still leaves its numbers
             done = {m: r for m, r in results.items() if r}
             (args.out / "bench.md").write_text(table(done, args.threshold) + "\n")
@@ -179,7 +206,7 @@ def main() -> None:
     (args.out / "bench.md").write_text(text + "\n")
     slim = {
         m: {
-            s: {k: v for k, v in r.items() if k not in ("history", "summary")}
+            s: {k: v for k, v in r.items() if k not in ("history", "full_history", "summary")}
             for s, r in by.items()
         }
         for m, by in results.items()

@@ -48,6 +48,21 @@ def steps_to_threshold(history: list[dict[str, Any]], threshold: float) -> int |
     return int(steps[hits[0]]) if len(hits) else None
 
 
+def accuracy_at(history: list[dict[str, Any]], step: int) -> float | None:
+    """Eval accuracy of the last eval at or before global `step` (None if none yet).
+
+    Compares runs at equal compute: a baseline's accuracy after as many updates as another
+    method spent.
+
+    >>> h = [{"step": 0, "eval/accuracy": 0.3}, {"step": 5}, {"step": 10, "eval/accuracy": 0.6}]
+    >>> accuracy_at(h, 9), accuracy_at(h, 10), accuracy_at(h, 99), accuracy_at(h, -1)
+    (0.3, 0.6, 0.6, None)
+    """
+    steps, acc = _series(history, ACCURACY)
+    upto = np.flatnonzero(steps <= step)
+    return float(acc[upto[-1]]) if len(upto) else None
+
+
 def _run_row(run: RunCurves, threshold: float | None) -> dict[str, Any]:
     _, acc = _series(run.history, ACCURACY)
     finite = np.isfinite(acc)
