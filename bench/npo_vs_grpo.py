@@ -19,11 +19,13 @@ like it), so there is nothing for a near future to show. Compute counts every up
 (replays included) plus look-ahead steps; guidance sampling is reported in tokens. GRPO trains
 `--grpo-extra` steps past the budget (its row reports it at the budget) so that every method
 can be set against GRPO at the method's own total compute ("GRPO at equal compute").
+The threshold is the seed's warm-up accuracy + 10 points (`--gain`), or fixed (`--threshold`).
+A restarted bench reuses the runs it finished (`bench-run.json` in each run folder).
 
 Run:
     .venv/bin/python bench/npo_vs_grpo.py                       # 3 seeds, all methods
     .venv/bin/python bench/npo_vs_grpo.py --seeds 0 --methods grpo npo-early --steps 60
-Writes <out>/bench.md, bench.png and bench.json; prints the table. Asserts nothing.
+Writes <out>/bench.md, comparison.png and bench.json; prints the table. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from npo.config import ExperimentConfig, load_config
+from npo.config import ExperimentConfig, load_config, public_dump
 from npo.experiment import run_experiment
 from npo.guidance.cache import list_cache_headers
 from npo.report import load_history
@@ -81,11 +84,46 @@ def config(args: argparse.Namespace, method: str, seed: int) -> ExperimentConfig
     return load_config(base, overrides)
 
 
-def measure(cfg: ExperimentConfig, threshold: float, cut: int | None = None) -> dict[str, Any]:
-    """One run's figures; `cut` reads a longer run (GRPO's) as if it stopped at that step."""
+def run_once(cfg: ExperimentConfig) -> tuple[dict[str, Any], float]:
+    """Run `cfg` (summary, wall seconds), or read them back where this bench already ran it.
+
+    A finished run leaves `bench-run.json` in its folder, so a restarted bench picks up where
+    it stopped without re-running (or re-timing) what is done.
+    """
+    record = cfg.store.root / cfg.name / "bench-run.json"
+    config = public_dump(cfg)
+    if record.exists():
+        done = json.loads(record.read_text())
+        if done["config"] == config:
+            return done["summary"], done["wall_s"]
     started = time.perf_counter()
     summary = run_experiment(cfg)
     wall = time.perf_counter() - started
+    record.write_text(json.dumps({"config": config, "summary": summary, "wall_s": wall}))
+    return summary, wall
+
+
+@dataclass(frozen=True)
+class Goal:
+    """The accuracy a run must reach: fixed, or `gain` over the seed's warm-up accuracy.
+
+    Seeds' warm-ups stop at different accuracies (the target is checked every few steps), and
+    how far RL then goes depends on where it starts, so a gain compares seeds fairly.
+    """
+
+    fixed: float | None
+    gain: float
+
+    def threshold(self, start: float) -> float:
+        return self.fixed if self.fixed is not None else start + self.gain
+
+    def __str__(self) -> str:
+        return f"{self.fixed:.0%}" if self.fixed is not None else f"+{100 * self.gain:.0f} pts"
+
+
+def measure(cfg: ExperimentConfig, goal: Goal, cut: int | None = None) -> dict[str, Any]:
+    """One run's figures; `cut` reads a longer run (GRPO's) as if it stopped at that step."""
+    summary, wall = run_once(cfg)
     full = load_history(cfg.store.root / cfg.name / "metrics.jsonl")
     rows = full if cut is None else [r for r in full if r["step"] <= cut]
     store = open_store((cfg.store.root.resolve() / "artifacts").as_uri())
@@ -95,6 +133,7 @@ def measure(cfg: ExperimentConfig, threshold: float, cut: int | None = None) -> 
         for h in headers
         if is_branch(cfg.name, h["guide_run_id"])
     ]
+    threshold = goal.threshold(summary["warm-up accuracy"])
     reached = steps_to_threshold(rows, threshold)
     ahead_before = sum(d for at, d in lookahead if reached is not None and at < reached)
     return {
@@ -104,6 +143,7 @@ def measure(cfg: ExperimentConfig, threshold: float, cut: int | None = None) -> 
         "summary": summary,
         "final": accuracy_at(rows, max(r["step"] for r in rows)),
         "start": summary["warm-up accuracy"],
+        "threshold": threshold,
         "steps_to_threshold": reached,
         "compute_to_threshold": None if reached is None else reached + ahead_before,
         "updates": max(r["step"] for r in rows),
@@ -119,10 +159,10 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(got) if len(got) == len(values) and got else None
 
 
-def table(results: dict[str, dict[int, dict[str, Any]]], threshold: float) -> str:
+def table(results: dict[str, dict[int, dict[str, Any]]], goal: Goal) -> str:
     grpo = results.get("grpo", {})
     lines = [
-        f"| method | start acc | final acc | GRPO at equal compute | steps to {threshold:.0%} "
+        f"| method | start acc | final acc | GRPO at equal compute | steps to {goal} "
         "| GRPO/method (steps) | GRPO/method (compute) | updates + look-ahead "
         "| guidance tokens | wall (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -168,7 +208,9 @@ def main() -> None:
     p.add_argument(
         "--grpo-extra", type=int, default=60, help="GRPO steps past --steps (equal compute)"
     )
-    p.add_argument("--threshold", type=float, default=0.8)
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--gain", type=float, default=0.1, help="threshold = warm-up acc + gain")
+    goal.add_argument("--threshold", type=float, help="a fixed accuracy threshold instead")
     p.add_argument("--warmup-target", type=float, default=0.4)
     # finer and larger than make run's eval: steps to threshold are read off this curve, and
     # 256 greedy answers carry about +-3 points of sampling noise
@@ -177,6 +219,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--set", nargs="*", default=[], help="extra key=value for every run")
     args = p.parse_args()
+    goal = Goal(args.threshold, args.gain)
     methods = ["grpo", *[m for m in args.methods if m != "grpo"]]  # grpo owns the warm-up
 
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
@@ -185,11 +228,11 @@ def main() -> None:
         for method in methods:
             print(f"seed {seed} · {method} ...", flush=True)
             cut = args.steps if method == "grpo" else None
-            results[method][seed] = measure(config(args, method, seed), args.threshold, cut)
+            results[method][seed] = measure(config(args, method, seed), goal, cut)
             # the table so far, so an interrupted bench still leaves its numbers
             done = {m: r for m, r in results.items() if r}
-            (args.out / "bench.md").write_text(table(done, args.threshold) + "\n")
-    text = table(results, args.threshold)
+            (args.out / "bench.md").write_text(table(done, goal) + "\n")
+    text = table(results, goal)
     write_comparison(
         args.out,
         [
@@ -201,7 +244,7 @@ def main() -> None:
             for m, r in results.items()
         ],
         title="NPO vs GRPO (first seed)",
-        threshold=args.threshold,
+        threshold=results["grpo"][args.seeds[0]]["threshold"],
     )
     (args.out / "bench.md").write_text(text + "\n")
     slim = {
