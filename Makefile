@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint format bench lock clean services compile
+.PHONY: install run test lint format bench lock clean services compile gpu-wheels
 
 install: $(STAMP)
 
@@ -54,6 +54,21 @@ lock:
 	rm -rf /tmp/npo-lock-venv && $(PYTHON) -m venv /tmp/npo-lock-venv
 	/tmp/npo-lock-venv/bin/pip install -qq torch==2.13.0 -e ".[cluster,dev]"
 	/tmp/npo-lock-venv/bin/pip freeze --exclude-editable --all | grep -v "^pip==" | sed 's/^torch==.*/torch==2.13.0/' > requirements.lock
+
+# Wheels the GPU machine lacks for bench/gpu_check.py (its image has torch, transformers,
+# numpy, pyarrow, yaml; not these), pinned as in the lock, built for its Python 3.12 x86-64.
+# Carry `.whl` and start the command with:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection SQLAlchemy alembic Mako
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	for name in $(GPU_WHEELS); do \
+	  pin=$$(grep -i "^$$name==" requirements.lock) || { echo "$$name is not in requirements.lock"; exit 1; }; \
+	  $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .whl "$$pin" || exit 1; \
+	done
+	ls .whl
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

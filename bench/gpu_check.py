@@ -13,6 +13,12 @@ On a CUDA machine (the `device` tool's H100/H200):
 
     python bench/gpu_check.py                   # on the GPU machine, ~3 minutes
     python bench/gpu_check.py --smoke           # seconds on CPU: checks the script runs
+
+The `device` tool's machine has torch and transformers but not pydantic, SQLAlchemy or
+Alembic: `make gpu-wheels` puts them in `.whl/` here; carry `.whl` and run
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+      && PYTHONPATH=/tmp/site python3 bench/gpu_check.py --json $OUT/gpu-check.json
+(tests/test_gpu_check.py runs the smoke size with our other dependencies hidden).
 Writes --json (default gpu-check.json); asserts nothing.
 """
 
