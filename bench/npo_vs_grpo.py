@@ -149,6 +149,9 @@ def measure(cfg: ExperimentConfig, goal: Goal, cut: int | None = None) -> dict[s
         "updates": max(r["step"] for r in rows),
         "lookahead_steps": sum(d for _, d in lookahead),
         "guidance_tokens": sum(h["stats"]["sampled_tokens"] for h in headers),
+        # is the guide ahead? its greedy accuracy over the guided checkpoint's, and Q̂
+        "guide_gap": _mean([h["stats"]["accuracy_gap"] for h in headers] or [None]),
+        "q_hat": _mean([h["stats"]["q_hat"] for h in headers] or [None]),
         "total_compute": max(r["step"] for r in rows) + sum(d for _, d in lookahead),
         "wall_s": wall,
     }
@@ -164,8 +167,8 @@ def table(results: dict[str, dict[int, dict[str, Any]]], goal: Goal) -> str:
     lines = [
         f"| method | start acc | final acc | GRPO at equal compute | steps to {goal} "
         "| GRPO/method (steps) | GRPO/method (compute) | updates + look-ahead "
-        "| guidance tokens | wall (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| guide − current (pts) | guide Q̂ | guidance tokens | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, by_seed in results.items():
         seeds = sorted(by_seed)
@@ -185,6 +188,7 @@ def table(results: dict[str, dict[int, dict[str, Any]]], goal: Goal) -> str:
                 for s, r in zip(seeds, rows, strict=True)
             ]
         )
+        gap, q_hat = _mean([r["guide_gap"] for r in rows]), _mean([r["q_hat"] for r in rows])
         lines.append(
             f"| {method} | {statistics.fmean(r['start'] for r in rows):.3f} "
             f"| {statistics.fmean(r['final'] for r in rows):.3f} "
@@ -192,6 +196,8 @@ def table(results: dict[str, dict[int, dict[str, Any]]], goal: Goal) -> str:
             f"| {'-' if par is None else f'{par:.3f}'} "
             f"| {f'{steps:.1f}' if steps else f'{reached}/{len(rows)} reached'} | {ratio} "
             f"| {c_ratio} | {statistics.fmean(r['total_compute'] for r in rows):.0f} "
+            f"| {'-' if gap is None else f'{100 * gap:+.1f}'} "
+            f"| {'-' if q_hat is None else f'{q_hat:.2f}'} "
             f"| {statistics.fmean(r['guidance_tokens'] for r in rows):.0f} "
             f"| {statistics.fmean(r['wall_s'] for r in rows):.0f} |"
         )
