@@ -42,6 +42,10 @@ def test_short_run_end_to_end(tmp_path: Path) -> None:
     evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
     assert sorted(evals) == [0, 3, 6]
     assert summary["final accuracy"] == evals[6]
+    # 10 warm-up steps cannot reach the default 40% target: the run says so
+    assert evals[0] < 0.4
+    assert "stopped at its cap (10 steps)" in summary["warning"]
+    assert "warmup.target_accuracy 40%" in (run_dir / "report.md").read_text()
     for r in rows[1:]:
         assert 0.0 <= r["reward/mean"] <= 1.0
         assert r["actor/entropy"] > 0

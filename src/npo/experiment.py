@@ -73,10 +73,20 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
             "guidance sampled tokens": sum(s["sampled_tokens"] for s in stats),
             "guided groups (mean frac)": mean("npo/guided_frac"),
         }
+    target = ctx.cfg.warmup.target_accuracy
+    warmup_steps = int(rows[0].get("warmup/steps", 0)) if rows else 0
+    warning = {}
+    if target is not None and start < target:  # the warm-up hit its step cap first
+        warning["warning"] = (
+            f"the warm-up stopped at its cap ({warmup_steps} steps) at {start:.1%}, below "
+            f"warmup.target_accuracy {target:.0%}: RL started from a policy that rarely "
+            "solves the task (raise warmup.steps or lower warmup.lr)"
+        )
     return {
+        **warning,
         "run": ctx.run_id,
         "policy steps": max((r["policy_step"] for r in rows), default=0),
-        "warm-up steps": int(rows[0].get("warmup/steps", 0)) if rows else 0,
+        "warm-up steps": warmup_steps,
         "warm-up accuracy": start,
         "final accuracy": final,
         "best accuracy": max((a for _, a in evals), default=float("nan")),
