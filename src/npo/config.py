@@ -101,10 +101,15 @@ class WarmupConfig(_Strict):
         3000,
         ge=0,
         description="Most supervised steps on gold answers (0 = skip the warm-up); the "
-        "3-digit toy's plateau lasts 350 to 1500+ steps depending on the seed.",
+        "3-digit toy's loss plateau ends after 900 to 2000 steps at lr 3e-4, by seed.",
     )
     batch_size: int = Field(64, ge=1, description="Prompts per supervised step.")
-    lr: float = Field(1e-3, gt=0, description="Learning rate of the warm-up (AdamW).")
+    lr: float = Field(
+        3e-4,
+        gt=0,
+        description="Learning rate of the warm-up (AdamW). At 1e-3 the toy leaves its loss "
+        "plateau sooner on some seeds but not within 3000 steps on others (seeds 1, 4).",
+    )
     target_accuracy: float | None = Field(
         0.4,
         ge=0,
