@@ -21,6 +21,7 @@ import yaml
 
 from npo.config import ExperimentConfig, public_dump
 from npo.store.artifacts import ArtifactStore, open_store
+from npo.store.checkpoint import list_checkpoints
 from npo.store.metadata import MetadataDB, default_metadata_url
 from npo.store.tracking import NullTracker, Tracker, make_tracker
 from npo.tasks import Task, make_task
@@ -29,8 +30,11 @@ ProgressFn = Callable[[str, int, int, dict[str, float]], None]
 """progress(phase, done, total, latest_metrics): the CLI draws bars from it."""
 
 
+HISTORY = "metrics.jsonl"  # a run's metric history, one JSON object per line, in its folder
+
+
 class RunConflict(RuntimeError):
-    """The run folder exists with a different config."""
+    """The run's folder and stored state do not fit the config (or each other)."""
 
 
 def _noop_progress(phase: str, done: int, total: int, metrics: dict[str, float]) -> None:
@@ -51,7 +55,7 @@ class RunContext:
 
     @property
     def history_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return self.run_dir / HISTORY
 
     @property
     def root_id(self) -> str:
@@ -151,6 +155,14 @@ def open_run(
         check_available()
     task = make_task(cfg.task)
     store = open_store(artifacts_uri)
+    history = run_dir / HISTORY
+    if not history.exists() and list_checkpoints(store, cfg.name):
+        # checkpoints without their metric history (a run folder deleted by hand): resuming
+        # would fail later, or write a history that starts in the middle
+        raise RunConflict(
+            f"the artifact store ({artifacts_uri}) holds checkpoints of run {cfg.name!r} but "
+            f"its history {history} is gone; pass --fresh to start the run over"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(text)
     db = MetadataDB(metadata_url(cfg))

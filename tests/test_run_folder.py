@@ -1,0 +1,48 @@
+"""`open_run`: a run folder that does not fit its config or its stored state is refused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import write_tiny_config
+
+from npo.config import load_config
+from npo.steps.context import RunConflict, open_run
+from npo.store.checkpoint import list_checkpoints
+
+
+def _open(cfg, **kw):
+    ctx = open_run(cfg, **kw)
+    ctx.db.close()
+    return ctx
+
+
+def test_a_different_config_is_refused(tmp_path: Path) -> None:
+    path = write_tiny_config(
+        tmp_path / "c.yaml", tmp_path / "runs", "r", 3, tracking={"enabled": False}
+    )
+    _open(load_config(path))
+    with pytest.raises(RunConflict, match=r"different config.*--fresh"):
+        _open(load_config(path, ["algo.lr=1e-4"]))
+
+
+def test_checkpoints_without_their_folder_are_refused_until_fresh(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    cfg = load_config(
+        write_tiny_config(tmp_path / "c.yaml", root, "r", 3, tracking={"enabled": False})
+    )
+    ctx = _open(cfg)
+    ctx.store.put_bytes("runs/r/ckpt/000000/manifest.json", b"{}")
+    assert list_checkpoints(ctx.store, "r") == [0]
+    shutil.rmtree(root / "r")  # deleted by hand: the history is gone, the checkpoints not
+
+    gone = r"holds checkpoints of run 'r' but its history .*metrics.jsonl is gone"
+    with pytest.raises(RunConflict, match=gone):
+        _open(cfg)
+    assert not (root / "r").exists()  # nothing half-created
+
+    ctx = _open(cfg, fresh=True)
+    assert list_checkpoints(ctx.store, "r") == []
+    assert (root / "r" / "config.yaml").exists()
