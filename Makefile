@@ -22,7 +22,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/npo compare $(CONFIGS) --name toy-comparison --threshold 0.8
+	$(VENV)/bin/npo compare $(CONFIGS) --name toy-comparison --threshold 0.5
 
 test: install helm
 	$(PY) -m pytest -q

@@ -26,6 +26,7 @@ Run:
     .venv/bin/python bench/npo_vs_grpo.py                       # 3 seeds, all methods
     .venv/bin/python bench/npo_vs_grpo.py --seeds 0 --methods grpo npo-early --steps 60
 Writes <out>/bench.md, comparison.png and bench.json; prints the table. Asserts nothing.
+The last results, and why the toy cannot show NPO's claims: docs/npo-implementation.md.
 """
 
 from __future__ import annotations
