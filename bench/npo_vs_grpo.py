@@ -136,24 +136,25 @@ def measure(cfg: ExperimentConfig, goal: Goal, cut: int | None = None) -> dict[s
     ]
     threshold = goal.threshold(summary["warm-up accuracy"])
     reached = steps_to_threshold(rows, threshold)
+    updates = max(r["step"] for r in rows)
     ahead_before = sum(d for at, d in lookahead if reached is not None and at < reached)
     return {
         "history": rows,
         "full_history": full,
         "trained": max(r["step"] for r in full),
         "summary": summary,
-        "final": accuracy_at(rows, max(r["step"] for r in rows)),
+        "final": accuracy_at(rows, updates),
         "start": summary["warm-up accuracy"],
         "threshold": threshold,
         "steps_to_threshold": reached,
         "compute_to_threshold": None if reached is None else reached + ahead_before,
-        "updates": max(r["step"] for r in rows),
+        "updates": updates,
         "lookahead_steps": sum(d for _, d in lookahead),
         "guidance_tokens": sum(h["stats"]["sampled_tokens"] for h in headers),
         # is the guide ahead? its greedy accuracy over the guided checkpoint's, and Q̂
         "guide_gap": _mean([h["stats"]["accuracy_gap"] for h in headers] or [None]),
         "q_hat": _mean([h["stats"]["q_hat"] for h in headers] or [None]),
-        "total_compute": max(r["step"] for r in rows) + sum(d for _, d in lookahead),
+        "total_compute": updates + sum(d for _, d in lookahead),
         "wall_s": wall,
     }
 
