@@ -138,3 +138,21 @@ def test_migrate_fast_path_reads_the_revision(tmp_path: Path) -> None:
         assert db.revision() == "0002"
         db.migrate()  # at head: returns without Alembic
         assert db.revision() == "0002"
+
+
+def test_delete_run_takes_its_lineages_and_their_rows(db: MetadataDB) -> None:
+    # a lineage of a_b, and runs that LIKE 'a_b.%' without escaping would also take
+    others = ("axb.r1", "a_bc")
+    for run in ("a_b", "a_b.r1", *others):
+        db.upsert_run(run, run, "autonpo", 0, {})
+        db.record_checkpoint(run, 5, f"mem://{run}/5", "0" * 64)
+    db.record_intervention("a_b.r1", "auto", 60, 10, 50, 60, {"triggered": True}, [])
+    db.record_mistakes("a_b", 3, [("p1", 0.0)])
+
+    db.delete_run("a_b")
+    for run in ("a_b", "a_b.r1"):
+        assert db.get_run(run) is None
+        assert db.checkpoints(run) == [] and db.interventions(run) == []
+    assert db.mistakes_by_step("a_b") == {}
+    for run in others:
+        assert [c.step for c in db.checkpoints(run)] == [5]

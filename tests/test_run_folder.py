@@ -46,3 +46,19 @@ def test_checkpoints_without_their_folder_are_refused_until_fresh(tmp_path: Path
     ctx = _open(cfg, fresh=True)
     assert list_checkpoints(ctx.store, "r") == []
     assert (root / "r" / "config.yaml").exists()
+
+
+def test_fresh_deletes_the_runs_rows(tmp_path: Path) -> None:
+    cfg = load_config(
+        write_tiny_config(
+            tmp_path / "c.yaml", tmp_path / "runs", "r", 3, tracking={"enabled": False}
+        )
+    )
+    ctx = open_run(cfg)
+    # AutoNPO reads its past decisions back from here: a stale row would be replayed
+    ctx.db.record_intervention("r", "auto", 60, 10, 50, 60, {"triggered": True}, [])
+    ctx.db.close()
+    ctx = open_run(cfg, fresh=True)
+    assert ctx.db.interventions("r") == []
+    assert ctx.db.get_run("r") is not None  # re-created by the fresh open
+    ctx.db.close()

@@ -143,6 +143,9 @@ def open_run(
         store = open_store(artifacts_uri)
         store.delete_prefix(f"runs/{cfg.name}/")  # the run's checkpoints and guidance
         store.delete_prefix(f"runs/{cfg.name}.")  # its look-ahead branches and lineages
+        with MetadataDB(metadata_url(cfg)) as db:
+            db.migrate()
+            db.delete_run(cfg.name)
     if saved.exists() and saved.read_text() != text:
         raise RunConflict(
             f"{run_dir} holds a run started with a different config; resume it with the "

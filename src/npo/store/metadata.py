@@ -516,6 +516,15 @@ class MetadataDB:
 
         self._retry(f"set_run_status({run_id!r})", update)
 
+    def delete_run(self, run_id: str) -> None:
+        """Delete run `run_id`, its look-ahead branches and lineages (``<run_id>.<...>``) and,
+        through ON DELETE CASCADE, every row that belongs to them (a --fresh restart: AutoNPO
+        reads its past decisions back from these rows, so stale ones would be replayed)."""
+        family = sa.or_(RunRow.id == run_id, RunRow.id.startswith(f"{run_id}.", autoescape=True))
+        self._retry(
+            f"delete_run({run_id!r})", lambda: self._execute(sa.delete(RunRow).where(family))
+        )
+
     def get_run(self, run_id: str) -> RunRow | None:
         def get() -> RunRow | None:
             with self._session() as s:
