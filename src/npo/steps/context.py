@@ -137,15 +137,12 @@ def open_run(
     artifacts_uri = artifacts_uri_of(cfg)
     text = _config_text(cfg)
     saved = run_dir / "config.yaml"
+    store = open_store(artifacts_uri)  # connects lazily: nothing is created yet
     if fresh:
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        store = open_store(artifacts_uri)
         store.delete_prefix(f"runs/{cfg.name}/")  # the run's checkpoints and guidance
         store.delete_prefix(f"runs/{cfg.name}.")  # its look-ahead branches and lineages
-        with MetadataDB(metadata_url(cfg)) as db:
-            db.migrate()
-            db.delete_run(cfg.name)
     if saved.exists() and saved.read_text() != text:
         raise RunConflict(
             f"{run_dir} holds a run started with a different config; resume it with the "
@@ -157,7 +154,6 @@ def open_run(
 
         check_available()
     task = make_task(cfg.task)
-    store = open_store(artifacts_uri)
     history = run_dir / HISTORY
     if not history.exists() and list_checkpoints(store, cfg.name):
         # checkpoints without their metric history (a run folder deleted by hand): resuming
@@ -170,6 +166,8 @@ def open_run(
     saved.write_text(text)
     db = MetadataDB(metadata_url(cfg))
     db.migrate()
+    if fresh:  # and its rows (branches' and lineages' too): AutoNPO would replay them
+        db.delete_run(cfg.name)
     db.upsert_run(cfg.name, cfg.name, cfg.method, cfg.seed, public_dump(cfg))
 
     info_path = run_dir / "run.json"
