@@ -1,15 +1,19 @@
-"""GPU check: a short toy training in bf16, and rollout / training throughput of a larger model.
+"""GPU check: a short toy training in mixed precision, and rollout / training throughput of a
+larger model.
 
-On a CUDA machine (the `device` tool's H100/H200):
+On a CUDA machine (the `device` tool's H100/H200), both parts use the mixed precision a real
+run uses: float32 weights (what AdamW updates and checkpoints hold) and bfloat16 compute
+(`model.compute_dtype=bfloat16`: forwards and generate under torch.autocast); --smoke does
+the same on CPU, whose autocast has bfloat16 too.
 
-1. toy: the toy GRPO experiment (configs/toy_grpo.yaml) for --toy-steps RL steps in bf16 on
-   the GPU, through the same stages `npo run --engine direct` calls: warm-up, RL, evaluation.
+1. toy: the toy GRPO experiment (configs/toy_grpo.yaml) for --toy-steps RL steps on the GPU,
+   through the same stages `npo run --engine direct` calls: warm-up, RL, evaluation.
    Prints the accuracy before/after and the step time.
-2. throughput: a Qwen2-0.5B-shaped Llama-style model (random weights, bf16; no download is
+2. throughput: a Qwen2-0.5B-shaped Llama-style model (random weights; no download is
    possible on the device machine) — HF `generate` rollouts (static KV cache, sampling at
    temperature 1) in generated tokens/s, and our PPO update (forward + backward + AdamW on
-   prompt+response batches) in tokens/s, each the median of --repeats timed calls after a
-   warm-up call. With vLLM installed, the same rollout through npo.rollout.vllm too.
+   prompt+response batches, in micro-batches of --micro-batch sequences) in tokens/s, each
+   the median of --repeats timed calls after a warm-up call.
 
     python bench/gpu_check.py                   # on the GPU machine, ~3 minutes
     python bench/gpu_check.py --smoke           # seconds on CPU: checks the script runs
@@ -52,7 +56,8 @@ QWEN2_05B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "intermediat
 
 
 def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
-    """The toy GRPO run in bf16 on `device`, through the stages, in a temporary store."""
+    """The toy GRPO run on `device` (float32 weights, bfloat16 compute), through the stages,
+    in a temporary store."""
     from npo import stages
     from npo.engine import train
     from npo.steps.context import open_run
@@ -62,7 +67,8 @@ def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
         f"train.steps={steps}",
         "train.checkpoint_every=10",
         "train.threads=4",
-        f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}",
+        "model.dtype=float32",
+        "model.compute_dtype=bfloat16",
         f"model.device={device}",
     ]
     if smoke:
@@ -70,7 +76,7 @@ def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config("configs/toy_grpo.yaml", [*sets, f"store.root={root}"])
         ctx = open_run(cfg)
-        stages.use_compute(cfg)  # threads and model.device, as every stage does
+        stages.use_compute(cfg)  # threads, device and compute dtype, as every stage does
         started = time.perf_counter()
         stages.prepare(ctx)
         warm = time.perf_counter() - started
@@ -78,7 +84,8 @@ def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
         summary = stages.report(ctx)["summary"]
         ctx.close()
     return {
-        "dtype": cfg.model.dtype,
+        "param_dtype": cfg.model.dtype,
+        "compute_dtype": cfg.model.compute_dtype or cfg.model.dtype,
         "warmup_s": warm,
         "rl_steps": steps,
         "rl_s": time.perf_counter() - started - warm,
@@ -106,6 +113,7 @@ def throughput(args: argparse.Namespace, device: str) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from npo.config import AlgoConfig
+    from npo.policy.model import compute_context, use_compute_dtype
     from npo.rollout.batch import RolloutBatch
     from npo.rollout.hf import response_mask_from_ids
     from npo.training.rl_step import ppo_update
@@ -113,7 +121,7 @@ def throughput(args: argparse.Namespace, device: str) -> dict[str, Any]:
     shape = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
     shape = shape if args.smoke else QWEN2_05B
     vocab = 512 if args.smoke else 151_936
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    use_compute_dtype("bfloat16")
     cfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=shape["hidden_size"],
@@ -127,13 +135,13 @@ def throughput(args: argparse.Namespace, device: str) -> dict[str, Any]:
         pad_token_id=0,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
     batch, prompt_len, new = args.batch, args.prompt_len, args.new_tokens
     prompts = torch.randint(3, vocab, (batch, prompt_len), device=device)
 
     def generate() -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), compute_context(model):
             return model.generate(
                 input_ids=prompts,
                 attention_mask=torch.ones_like(prompts),
@@ -153,12 +161,12 @@ def throughput(args: argparse.Namespace, device: str) -> dict[str, Any]:
         prompt_ids=prompts.cpu(),
         prompt_mask=torch.ones_like(prompts).cpu(),
         response_ids=response.cpu(),
-        response_mask=response_mask_from_ids(response, -1).cpu(),
+        response_mask=response_mask_from_ids(response, []).cpu(),
         logprobs=torch.zeros(response.shape, dtype=torch.float32),
         texts=[""] * batch,
         prompt_index=torch.arange(batch),
     ).to(device)
-    algo = AlgoConfig(lr=1e-6)
+    algo = AlgoConfig(lr=1e-6, micro_batch_size=args.micro_batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr)
     advantages = torch.randn(batch, device=device)
     model.train()
@@ -169,8 +177,10 @@ def throughput(args: argparse.Namespace, device: str) -> dict[str, Any]:
     train_s, _ = _median_time(update, args.repeats, device)
     out = {
         "params_m": params / 1e6,
-        "dtype": str(dtype).removeprefix("torch."),
+        "param_dtype": "float32",
+        "compute_dtype": "bfloat16",
         "batch": batch,
+        "micro_batch": args.micro_batch,
         "prompt_len": prompt_len,
         "new_tokens": new,
         "rollout_tokens_per_s": batch * new / gen_s,
@@ -189,6 +199,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--micro-batch", type=int, default=None, help="algo.micro_batch_size of the update."
+    )
     ap.add_argument("--json", type=Path, default=Path("gpu-check.json"))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,7 +209,7 @@ def main() -> None:
         sys.exit("no CUDA device: run this on a GPU machine, or pass --smoke to check the script")
     if args.smoke:
         args.toy_steps, args.batch, args.prompt_len, args.new_tokens = 3, 4, 8, 8
-        args.repeats = 1
+        args.repeats, args.micro_batch = 1, 3  # 3 + 1 rows: the accumulation path runs
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,

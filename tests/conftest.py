@@ -138,6 +138,20 @@ def s3_bucket(s3_server) -> str:
     return name
 
 
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """The variables a Kubernetes Secret would inject, pointing at the test S3 server."""
+    env = {
+        "AWS_ENDPOINT_URL": s3_server.endpoint,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_REGION": "us-east-1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
 # --- Real MLflow tracking server (npo.devservices.mlflowserver): PostgreSQL + S3, per session ---
 
 MLFLOW_ARTIFACT_BUCKET = "mlflow"  # on s3_server; the server keeps artifacts under artifacts/

@@ -30,3 +30,47 @@ def write_tiny_config(path: Path, root: Path, name: str, steps: int, **extra: ob
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+# A chat format like Qwen's: a turn ends with <|im_end|>, the tokenizer's EOS is another token.
+CHAT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def write_tiny_hf_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
+    """A real-model-shaped folder: a randomly initialised Qwen2 causal LM (~0.1M parameters)
+    and a byte-level BPE tokenizer trained on `texts`, with Qwen's special tokens
+    (EOS <|endoftext|>, turn end <|im_end|>). Written with save_pretrained, as a hub
+    checkpoint is; returns `folder`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

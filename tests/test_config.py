@@ -187,6 +187,14 @@ def test_override_through_a_scalar_is_rejected():
             "hidden_size (30) must be divisible by num_heads (4)",
         ),
         (["algo.minibatches=3"], "algo.minibatches (3) must divide the rollout batch", "128"),
+        (
+            ["model.dtype=bfloat16", "model.compute_dtype=float32"],
+            "compute_dtype float32 needs dtype float32 (got bfloat16)",
+            "",
+        ),
+        (["algo.micro_batch_size=0"], "algo.micro_batch_size", "greater than or equal to 1"),
+        (["model.source=gs://b/m"], "model.source", "unsupported URI scheme (known: s3://"),
+        (["model.source=''"], "model.source", "empty: give a local path or a store URI"),
     ],
 )
 def test_bad_value_names_the_field(overrides, field, words):
@@ -270,7 +278,7 @@ def test_discriminator_picks_the_math_task(tmp_path):
     )
     cfg = load_config(path)
     assert isinstance(cfg.task, MathTaskConfig)
-    assert cfg.task.train_path == train
+    assert cfg.task.train_path == str(train)
     assert cfg.task.timeout_s == 2.0
     assert cfg.task.prompt_template == "{prompt}"
 

@@ -39,20 +39,6 @@ run_experiment(load_config(sys.argv[1]))
 """
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch) -> dict[str, str]:
-    """The variables a Kubernetes Secret would inject, pointing at the test S3 server."""
-    env = {
-        "AWS_ENDPOINT_URL": s3_server.endpoint,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_REGION": "us-east-1",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
-
-
 def _config(tmp_path: Path, bucket: str, pg_url: str, steps: int) -> Path:
     store = {"artifacts_uri": f"s3://{bucket}/npo", "metadata_url": pg_url}
     return write_tiny_config(

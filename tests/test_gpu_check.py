@@ -44,6 +44,9 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["device"] == "cpu"
     assert report["toy"]["rl_steps"] == 3 and 0.0 <= report["toy"]["final_accuracy"] <= 1.0
+    for part in ("toy", "throughput"):  # the GPU's mixed precision, on CPU autocast
+        assert report[part]["param_dtype"] == "float32"
+        assert report[part]["compute_dtype"] == "bfloat16"
     tp = report["throughput"]
     assert tp["rollout_tokens_per_s"] > 0 and tp["train_tokens_per_s"] > 0
     assert tp["batch"] * tp["new_tokens"] == 32

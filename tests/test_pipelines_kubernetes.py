@@ -224,6 +224,16 @@ def test_gpu_steps_choose_which_stages_get_the_accelerator():
     assert with_gpu == {"train", "guidance", "rollback", "detect"}
 
 
+def test_the_real_model_config_runs_every_model_stage_on_a_gpu_of_the_cuda_image():
+    compiled = Compiled(compile_text("math_autonpo"))
+    stages = {stage: compiled.container(label) for stage, _, label in compiled.stage_tasks()}
+    assert {c["image"] for c in stages.values()} == {"ghcr.io/npo-project/npo:0.1.0-cuda"}
+    with_gpu = {s for s, c in stages.items() if "accelerator" in c.get("resources", {})}
+    assert with_gpu == {"prepare", "train", "guidance", "detect", "rollback", "evaluate"}
+    accelerator = stages["train"]["resources"]["accelerator"]
+    assert accelerator.get("resourceType", accelerator.get("type")) == "nvidia.com/gpu"
+
+
 def test_no_credential_reaches_the_yaml():
     text = compile_text(
         "toy_grpo",

@@ -11,17 +11,20 @@ Run: .venv/bin/python -m pytest tests/test_policy_rollout.py -q
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from npo.algo import token_logprobs
-from npo.config import AlgoConfig, ModelConfig
-from npo.policy import build_char_tokenizer, init_policy, load_policy, save_policy
-from npo.rollout import RolloutBatch, response_mask_from_ids, sample
+from npo.config import AlgoConfig, ModelConfig, RolloutConfig
+from npo.policy import build_char_tokenizer, init_policy, load_policy, save_policy, stop_token_ids
+from npo.policy.model import add_stop_tokens, stop_token_id
+from npo.rollout import RolloutBatch, hf, response_mask_from_ids, rollout, sample
 from npo.training.forward import response_logits
 from npo.training.rl_step import ppo_update, sequence_logprobs
 
@@ -141,7 +144,7 @@ def test_save_then_load_policy_gives_identical_logits(tiny_policy, tmp_path):
     # Sampling settings survive too: no top-k / top-p truncation after loading.
     assert loaded.generation_config.top_k is None
     assert loaded.generation_config.top_p is None
-    assert loaded.generation_config.eos_token_id == tok.eos_token_id
+    assert loaded.generation_config.eos_token_id == [tok.eos_token_id]
 
 
 def test_load_policy_in_another_dtype(tiny_policy, tmp_path):
@@ -157,6 +160,75 @@ def test_load_policy_without_config_json_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json") as info:
         load_policy(folder)
     assert str(folder) in str(info.value)
+
+
+# --------------------------------------------------------------------------- stop tokens
+SMALL = {"hidden_size": 16, "num_heads": 2}
+
+
+def test_init_policy_adds_stop_tokens_after_the_tokenizers_eos(alphabet):
+    # Ids: <pad> 0, <bos> 1, <eos> 2, <unk> 3, then "+0123456789=" from 4: "7" 12, "=" 15.
+    cfg = ModelConfig(tiny=SMALL, stop_tokens=["=", "<eos>", "7", "="])
+    model, tok = init_policy(cfg, alphabet, seed=0)
+    assert tok.eos_token_id == 2
+    assert stop_token_ids(model) == model.generation_config.eos_token_id == [2, 15, 12]
+    plain, _ = init_policy(ModelConfig(tiny=SMALL), alphabet, seed=0)
+    assert stop_token_ids(plain) == [2]
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [("x", "not in the vocabulary"), ("12", "encodes to 2 tokens"), ("", "encodes to 0")],
+)
+def test_a_stop_token_must_be_one_known_token(alphabet, token, why):
+    cfg = ModelConfig(tiny=SMALL, stop_tokens=["7", token])
+    with pytest.raises(ValueError, match=rf"model\.stop_tokens: '{token}' .*{why}"):
+        init_policy(cfg, alphabet, seed=0)
+
+
+def test_stop_ids_survive_save_and_load(alphabet, tmp_path):
+    model, tok = init_policy(ModelConfig(tiny=SMALL, stop_tokens=["7"]), alphabet, seed=0)
+    save_policy(model, tok, tmp_path)
+    path = tmp_path / "generation_config.json"
+    assert json.loads(path.read_text())["eos_token_id"] == [2, 12]
+    loaded, _ = load_policy(tmp_path)
+    assert stop_token_ids(loaded) == [2, 12]
+    # A checkpoint's own EOS ids (an int or a list) stay, after the tokenizer's EOS.
+    for shipped, expected in [(15, [2, 15]), ([15, 2, 12], [2, 15, 12]), (None, [2])]:
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"eos_token_id": shipped}))
+        assert stop_token_ids(load_policy(tmp_path)[0]) == expected
+
+
+def test_stop_token_id_of_an_added_token_and_of_byte_level_text():
+    """A real BPE vocabulary spells a newline "Ċ": the text "\n" is found by encoding it."""
+    core = Tokenizer(models.BPE(vocab={"a": 0, "Ċ": 1, "<|endoftext|>": 2}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    assert stop_token_id(tok, "<|im_end|>") == 3
+    assert stop_token_id(tok, "\n") == stop_token_id(tok, "Ċ") == 1
+    with pytest.raises(ValueError, match=r"'aa' is not a single token.*encodes to 2 tokens"):
+        stop_token_id(tok, "aa")
+
+
+def test_sampling_stops_at_an_extra_stop_token(tiny_policy):
+    """Same seed, "5" also stops: each response is the plain one cut after its first "5"."""
+    model, tok = tiny_policy
+    stopped = copy.deepcopy(model)
+    add_stop_tokens(stopped, tok, ["5"])  # what init_policy does with model.stop_tokens
+    five = tok.convert_tokens_to_ids("5")
+    plain, cut = draw(model, tok, seed=0), draw(stopped, tok, seed=0)
+    expected_mask = response_mask_from_ids(plain.response_ids, [tok.eos_token_id, five])
+    shortened = 0
+    for row in range(len(plain)):
+        kept = cut.response_ids[row][cut.response_mask[row].bool()]
+        assert kept.tolist() == plain.response_ids[row][expected_mask[row].bool()].tolist()
+        assert_close(cut.logprobs[row][: len(kept)], plain.logprobs[row][: len(kept)])
+        assert cut.texts[row] == tok.decode(kept, skip_special_tokens=True)
+        if len(kept) < lengths(plain)[row]:
+            assert kept[-1].item() == five
+            shortened += 1
+    assert shortened >= 3, "the fixture no longer draws a '5' mid-response"
 
 
 # --------------------------------------------------------------------------- response mask
@@ -175,14 +247,21 @@ EOS = 2
     ],
 )
 def test_response_mask_by_hand(ids, mask):
-    out = response_mask_from_ids(torch.tensor([ids]), eos_id=EOS)
+    out = response_mask_from_ids(torch.tensor([ids]), stop_ids=[EOS])
     assert out.tolist() == [mask]
     assert out.dtype == torch.long
 
 
 def test_response_mask_rows_are_independent():
     ids = torch.tensor([[2, 5, 6], [5, 6, 7], [5, 2, 2]])
-    assert response_mask_from_ids(ids, EOS).tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 0]]
+    assert response_mask_from_ids(ids, [EOS]).tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 0]]
+
+
+def test_response_mask_stops_at_the_first_of_two_stop_ids():
+    ids = torch.tensor([[5, 7, 2, 6], [5, 2, 7, 6], [5, 6, 8, 9], [7, 7, 5, 2], [0, 5, 6, 7]])
+    mask = response_mask_from_ids(ids, [EOS, 7])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert response_mask_from_ids(ids, []).tolist() == [[1] * 4] * 5  # no stop id: all kept
 
 
 # --------------------------------------------------------------------------- sample()
@@ -214,7 +293,7 @@ def test_sample_masks_logprobs_padding_and_texts(tiny_policy):
     batch = draw(model, tok)
     ids, mask, logp = batch.response_ids, batch.response_mask, batch.logprobs
     r = ids.shape[1]
-    assert mask.tolist() == response_mask_from_ids(ids, tok.eos_token_id).tolist()
+    assert mask.tolist() == response_mask_from_ids(ids, [tok.eos_token_id]).tolist()
     on, off = mask.bool(), ~mask.bool()
     assert (logp[off] == 0).all()
     assert (logp[on] <= 0).all()
@@ -355,6 +434,50 @@ def test_checkpoint_sampling_knobs_do_not_change_what_is_sampled(tiny_policy, tm
     loaded, loaded_tok = load_policy(tmp_path)
     plain, shipped = draw(model, tok, seed=5), draw(loaded, loaded_tok, seed=5)
     assert torch.equal(plain.response_ids, shipped.response_ids)
+
+
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """The number of sequences of each generate call sample() makes."""
+    calls: list[int] = []
+    real = hf._generate
+
+    def spy(model, tokenizer, prompts, *args):
+        calls.append(len(prompts))
+        return real(model, tokenizer, prompts, *args)
+
+    monkeypatch.setattr(hf, "_generate", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("hf_batch_size", "calls"), [(None, [16]), (6, [6, 6, 4])])
+def test_rollout_generates_hf_batch_size_sequences_at_a_time(
+    tiny_policy, generate_calls, hf_batch_size, calls
+):
+    model, tok = tiny_policy
+    cfg = RolloutConfig(max_new_tokens=MAX_NEW, hf_batch_size=hf_batch_size)
+    torch.manual_seed(0)
+    batch = rollout(cfg, model, tok, PROMPTS, n=N)
+    assert generate_calls == calls
+    assert batch.prompt_index.tolist() == [i for i in range(len(PROMPTS)) for _ in range(N)]
+    assert batch.response_ids.shape[1] <= MAX_NEW
+    assert_close(
+        batch.logprobs, sequence_logprobs(model, batch, cfg.temperature), atol=1e-4, rtol=0
+    )
+
+
+def test_evaluate_policy_chunks_by_its_batch_size(tiny_policy, generate_calls):
+    from npo.config import ArithmeticTaskConfig
+    from npo.steps.evaluate import evaluate_policy
+    from npo.tasks import make_task
+
+    model, tok = tiny_policy
+    task = make_task(ArithmeticTaskConfig(digits=2, n_train=4, n_eval=10))
+    problems = task.eval_problems()
+    whole = evaluate_policy(model, tok, task, problems, MAX_NEW)  # None: 512 at a time
+    parts = evaluate_policy(model, tok, task, problems, MAX_NEW, batch_size=4)
+    assert generate_calls == [10, 4, 4, 2]
+    assert parts == pytest.approx(whole)
 
 
 def test_sample_needs_a_prompt(tiny_policy):

@@ -18,8 +18,9 @@ import pytest
 import torch
 from helpers import write_tiny_config
 
-from npo.config import ConfigError, load_config
+from npo.config import ConfigError, ModelConfig, load_config
 from npo.policy import init_policy
+from npo.policy.model import use_compute_dtype
 from npo.rollout import hf, rollout
 from npo.rollout import vllm as vb
 from npo.steps.context import open_run
@@ -51,11 +52,17 @@ class FakeLLM:
         class Runner:
             def load_weights(self, weights):
                 engine.loads += 1
-                engine.model.load_state_dict(dict(weights))
+                weights = dict(weights)
+                engine.loaded_dtypes = {v.dtype for v in weights.values()}
+                engine.model.load_state_dict(weights)
 
         return fn(Runner())
 
     def generate(self, prompts, params, use_tqdm=True):
+        self.params = params
+        # vLLM stops at its tokenizer's EOS and at params.stop_token_ids; so does the fake.
+        stops = [self.tokenizer.eos_token_id, *(params.stop_token_ids or [])]
+        self.model.generation_config.eos_token_id = stops
         torch.manual_seed(params.seed)
         outs = []
         for p in prompts:
@@ -107,7 +114,7 @@ def test_completions_become_the_hf_batch_layout() -> None:
         ])  # fmt: skip
     prompt_ids = [tok(p)["input_ids"] for p in ["12+34=", "5+6="]]
     got = vb.batch_from_completions(
-        prompt_ids, completions, tok.eos_token_id, tok.pad_token_id,
+        prompt_ids, completions, [tok.eos_token_id], tok.pad_token_id,
         lambda rows: tok.batch_decode(rows, skip_special_tokens=True),
     )  # fmt: skip
     assert torch.equal(got.prompt_ids, ref.prompt_ids)
@@ -125,12 +132,42 @@ def test_completions_become_the_hf_batch_layout() -> None:
 def test_tokens_after_eos_are_dropped_and_lengths_checked() -> None:
     decode = lambda rows: ["".join(map(str, r)) for r in rows]  # noqa: E731
     b = vb.batch_from_completions(
-        [[9]], [[vb.Completion([4, 2, 7], [-1.0, -2.0, -3.0])]], 2, 0, decode
+        [[9]], [[vb.Completion([4, 2, 7], [-1.0, -2.0, -3.0])]], [2], 0, decode
     )
     assert b.response_ids.tolist() == [[4, 2]] and b.logprobs.tolist() == [[-1.0, -2.0]]
     assert b.texts == ["42"]
     with pytest.raises(ValueError, match="2 tokens but 1 log-probs"):
-        vb.batch_from_completions([[9]], [[vb.Completion([4, 2], [-1.0])]], 2, 0, decode)
+        vb.batch_from_completions([[9]], [[vb.Completion([4, 2], [-1.0])]], [2], 0, decode)
+
+
+def test_responses_end_at_the_first_of_any_stop_id() -> None:
+    decode = lambda rows: ["".join(map(str, r)) for r in rows]  # noqa: E731
+    lp = [-1.0, -2.0, -3.0, -4.0]
+    outs = [[vb.Completion([4, 7, 2, 5], lp), vb.Completion([4, 5, 2, 7], lp)],
+            [vb.Completion([4, 5, 6, 8], lp)]]  # fmt: skip
+    b = vb.batch_from_completions([[9], [9]], outs, [2, 7], 0, decode)
+    assert b.response_ids.tolist() == [[4, 7, 0, 0], [4, 5, 2, 0], [4, 5, 6, 8]]
+    assert b.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert b.logprobs.tolist() == [[-1.0, -2.0, 0, 0], [-1.0, -2.0, -3.0, 0], lp]
+    assert b.texts == ["47", "452", "4568"]
+    # vLLM is told the stop ids besides the tokenizer's EOS, which it stops at by itself
+    assert vb.extra_stop_ids([2, 7, 9], eos_id=2) == [7, 9]
+    assert vb.extra_stop_ids([2], eos_id=2) == []
+
+
+def test_engine_stops_at_the_models_extra_stop_tokens(fake_vllm) -> None:
+    cfg = load_config(None, ["rollout.backend=vllm", "rollout.max_new_tokens=6"]).rollout
+    model, tok = init_policy(ModelConfig(stop_tokens=["5"]), "0123456789+=", seed=0)
+    five = tok.convert_tokens_to_ids("5")
+    torch.manual_seed(0)
+    batch = rollout(cfg, model, tok, ["12+34=", "5+6="], n=8)
+    assert FakeLLM.instances[0].params.stop_token_ids == [five]
+    ends = []
+    for row in range(len(batch)):
+        kept = batch.response_ids[row][batch.response_mask[row].bool()].tolist()
+        assert not {five, tok.eos_token_id} & set(kept[:-1])
+        ends.append(kept[-1] if kept else None)
+    assert five in ends, "no response drew a '5': the seed no longer exercises the stop"
 
 
 def test_engine_is_built_once_and_synced_with_the_trained_weights(fake_vllm) -> None:
@@ -146,6 +183,7 @@ def test_engine_is_built_once_and_synced_with_the_trained_weights(fake_vllm) -> 
     second = rollout(cfg, model, tok, ["12+34="], n=4)
     engine = FakeLLM.instances[0]
     assert len(FakeLLM.instances) == 1 and engine.loads == 1
+    assert engine.kwargs["dtype"] == "float32" and engine.loaded_dtypes == {torch.float32}
     for name, value in model.state_dict().items():
         assert torch.equal(engine.model.state_dict()[name], value), name
     # the behaviour log-probs are the current policy's, tempered: recompute them with HF
@@ -154,6 +192,21 @@ def test_engine_is_built_once_and_synced_with_the_trained_weights(fake_vllm) -> 
     recomputed = sequence_logprobs(model, second, cfg.temperature)
     assert torch.allclose(recomputed * second.response_mask, second.logprobs, atol=1e-5)
     assert first.response_ids.shape[0] == second.response_ids.shape[0] == 4
+
+
+def test_engine_samples_in_the_compute_dtype_from_float32_weights(fake_vllm) -> None:
+    cfg = load_config(None, ["rollout.backend=vllm", "rollout.max_new_tokens=4"]).rollout
+    model, tok = init_policy(load_config(None).model, "0123456789+=", seed=0)
+    use_compute_dtype("bfloat16")
+    try:
+        rollout(cfg, model, tok, ["12+34="], n=2)
+        rollout(cfg, model, tok, ["12+34="], n=2)  # the second call syncs the weights
+    finally:
+        use_compute_dtype(None)
+    engine = FakeLLM.instances[0]
+    assert engine.kwargs["dtype"] == "bfloat16"
+    assert engine.loads == 1 and engine.loaded_dtypes == {torch.bfloat16}
+    assert model.dtype == torch.float32  # the trained copy keeps its master weights
 
 
 def test_vllm_backend_without_vllm_is_refused_before_anything_is_written(tmp_path: Path) -> None:

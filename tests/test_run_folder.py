@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import write_tiny_config
 
 from npo.config import load_config
@@ -26,6 +27,26 @@ def test_a_different_config_is_refused(tmp_path: Path) -> None:
     _open(load_config(path))
     with pytest.raises(RunConflict, match=r"different config.*--fresh"):
         _open(load_config(path, ["algo.lr=1e-4"]))
+
+
+def test_a_run_started_before_a_field_existed_resumes(tmp_path: Path) -> None:
+    """An older version wrote config.yaml without fields added since (here model.stop_tokens
+    and algo.micro_batch_size): with their defaults it is the same config."""
+    path = write_tiny_config(
+        tmp_path / "c.yaml", tmp_path / "runs", "r", 3, tracking={"enabled": False}
+    )
+    _open(load_config(path))
+    saved = tmp_path / "runs" / "r" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["model"]["stop_tokens"], old["algo"]["micro_batch_size"]
+    saved.write_text(yaml.safe_dump(old, sort_keys=True))
+    _open(load_config(path))  # resumes
+    with pytest.raises(RunConflict, match="different config"):
+        _open(load_config(path, ["model.stop_tokens=['1']"]))  # a real difference still counts
+    old["algo"]["gone_field"] = 1  # a field this version no longer has: not the same config
+    saved.write_text(yaml.safe_dump(old, sort_keys=True))
+    with pytest.raises(RunConflict, match="different config"):
+        _open(load_config(path))
 
 
 def test_checkpoints_without_their_folder_are_refused_until_fresh(tmp_path: Path) -> None:

@@ -220,6 +220,27 @@ def test_submit_warns_when_pods_could_not_share_storage(fake_kfp, host):
     assert "warning" not in result.stderr
 
 
+def test_submit_warns_about_inputs_the_pods_cannot_see(fake_kfp, host):
+    def submit_math(*args: str) -> Any:
+        config = CONFIG.parent / "math_autonpo.yaml"  # model and data on s3:// already
+        shared = ["--set", "store.artifacts_uri=s3://npo/runs", "--set", "cluster.runs_volume=v"]
+        return CliRunner().invoke(app, ["submit", str(config), "--host", host, *shared, *args])
+
+    result = submit_math()
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr
+    INSTANCES.clear()
+    local = ["--set", "model.source=/models/qwen"]
+    local += ["--set", "task.train_path=/data/train.jsonl"]
+    local += ["--set", "task.eval_path=file:///mnt/npo-runs/data/eval.jsonl"]  # runs volume
+    result = submit_math(*local)
+    assert result.exit_code == 0, result.output
+    assert says(result.stderr, "model.source '/models/qwen' is a local path")
+    assert says(result.stderr, "npo stage /models/qwen s3://BUCKET/")
+    assert says(result.stderr, "task.train_path '/data/train.jsonl' is a local path")
+    assert "task.eval_path" not in result.stderr
+
+
 # --------------------------------------------------------------------------- --wait
 def test_wait_exits_0_when_the_run_succeeds(fake_kfp, host):
     fake_kfp.states = ("PENDING", "RUNNING", "SUCCEEDED")

@@ -1,16 +1,24 @@
-"""Small pieces of the training loop: data order, seeding, step metrics, SFT targets."""
+"""Small pieces of the training loop: data order, seeding, step metrics, SFT targets, and
+micro-batched updates (PPO and SFT) against the whole-minibatch ones."""
 
 from __future__ import annotations
 
-import torch
+import copy
+import doctest
 
-from npo.config import ArithmeticTaskConfig
+import pytest
+import torch
+from torch.testing import assert_close
+
+from npo.config import AlgoConfig, ArithmeticTaskConfig, LossAgg
 from npo.policy import build_char_tokenizer
-from npo.rollout import RolloutBatch
+from npo.rollout import RolloutBatch, sample
 from npo.steps.train_segment import rollout_metrics
 from npo.tasks import make_task
+from npo.training import rl_step
+from npo.training.rl_step import agg_denominator, ppo_update, sequence_logprobs
 from npo.training.seeding import batch_indices, derive_seed
-from npo.training.sft import encode_targets
+from npo.training.sft import encode_targets, sft_step
 
 
 def test_batch_indices_walk_epochs_without_repeats() -> None:
@@ -44,13 +52,32 @@ def test_rollout_metrics_hand_values() -> None:
         prompt_index=torch.tensor([0, 0, 1, 1]),
     )
     rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
-    m = rollout_metrics(rewards, batch, eos)
+    m = rollout_metrics(rewards, batch, [eos])
     assert m["reward/mean"] == 0.75
     assert m["reward/pass_at_g"] == 1.0
     assert m["reward/all_correct_frac"] == 0.5
     assert m["reward/zero_var_frac"] == 0.5
     assert m["response/length_mean"] == 2.5
     assert m["response/truncated_frac"] == 0.25
+
+
+def test_rollout_metrics_count_any_stop_id_as_an_end() -> None:
+    # Stop ids [2, 7]: row 0 ends at the second stop id, row 1 at EOS, rows 2-3 run to R=3;
+    # row 3's 7 lies outside its mask, so it does not count.
+    ids = torch.tensor([[5, 7, 0], [5, 6, 2], [5, 6, 8], [5, 6, 7]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    batch = RolloutBatch(
+        prompt_ids=torch.ones(4, 2, dtype=torch.long),
+        prompt_mask=torch.ones(4, 2, dtype=torch.long),
+        response_ids=ids,
+        response_mask=mask,
+        logprobs=torch.zeros(4, 3),
+        texts=["a", "b", "c", "d"],
+        prompt_index=torch.tensor([0, 0, 1, 1]),
+    )
+    rewards = torch.zeros(2, 2)
+    assert rollout_metrics(rewards, batch, [2, 7])["response/truncated_frac"] == 0.5
+    assert rollout_metrics(rewards, batch, [2])["response/truncated_frac"] == 0.75
 
 
 def test_sft_targets_end_with_eos_and_mask_only_the_target() -> None:
@@ -65,3 +92,126 @@ def test_sft_targets_end_with_eos_and_mask_only_the_target() -> None:
         assert ids[-1] == tok.eos_token_id
         assert tok.decode(ids[:-1]) == p.target
     assert batch["prompt_ids"][:, 0].tolist() == [tok.bos_token_id] * 2
+
+
+# --------------------------------------------------------------------------- micro-batches
+def test_rl_step_doctests() -> None:
+    assert doctest.testmod(rl_step).failed == 0
+
+
+def test_agg_denominator_is_what_agg_loss_divides_by() -> None:
+    from npo.algo import agg_loss
+
+    values = torch.tensor([[1.0, 2.0, 9.0], [5.0, 5.0, 5.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    # token-mean: (1 + 2 + 4) / 3 tokens; seq-mean-token-mean: (1.5 + 4) / 2 sequences
+    assert agg_denominator(mask, LossAgg.token_mean) == 3
+    assert agg_denominator(mask, LossAgg.seq_mean_token_mean) == 2
+    assert agg_loss(values, mask, LossAgg.token_mean).item() == pytest.approx(7 / 3)
+    assert agg_loss(values, mask, LossAgg.seq_mean_token_mean).item() == pytest.approx(5.5 / 2)
+
+
+@pytest.fixture
+def scored_batch(tiny_policy):
+    """(model, ref model, batch, advantages, old log-probs): 12 responses of mixed lengths,
+    one of them emptied (no valid token), old log-probs off-policy enough that some clip."""
+    model, tok = tiny_policy
+    torch.manual_seed(0)
+    batch = sample(model, tok, ["12+3=", "1+1=", "999+999=", "7="], n=3, max_new_tokens=8)
+    batch.response_mask[4] = 0
+    batch.logprobs[4] = 0
+    gen = torch.Generator().manual_seed(1)
+    noise = 0.5 * torch.randn(batch.logprobs.shape, generator=gen)
+    old = (sequence_logprobs(model, batch, 1.0) + noise) * batch.response_mask
+    advantages = torch.randn(len(batch), generator=gen)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    assert len(set(batch.response_mask.sum(dim=1).tolist())) >= 3, "lengths must differ"
+    return model, ref, batch, advantages, old
+
+
+def _update(scored_batch, micro: int | None, agg: LossAgg, shaped: bool):
+    model, ref, batch, advantages, old = scored_batch
+    model = copy.deepcopy(model)
+    algo = AlgoConfig(
+        loss_agg=agg,
+        kl_coef=0.1,
+        entropy_coef=0.01,
+        ppo_epochs=2,
+        minibatches=2,  # 6 rows each
+        micro_batch_size=micro,
+        max_grad_norm=0.5,
+    )
+    # SGD, not AdamW: Adam's first step is ~lr·sign(grad), blind to how grads are scaled.
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    rows = torch.tensor([i % 3 == 0 for i in range(len(batch))]) if shaped else None
+    metrics = ppo_update(
+        model,
+        opt,
+        batch,
+        advantages,
+        algo,
+        temperature=1.0,
+        ref_model=ref,
+        old_logprobs=old,
+        generator=torch.Generator().manual_seed(7),
+        shaped_rows=rows,
+    )
+    return {k: v.detach().clone() for k, v in model.named_parameters()}, metrics
+
+
+@pytest.mark.parametrize("agg", [LossAgg.token_mean, LossAgg.seq_mean_token_mean])
+@pytest.mark.parametrize("shaped", [False, True], ids=["ppo", "shaped"])
+@pytest.mark.parametrize("micro", [1, 4])
+def test_micro_batches_give_the_whole_minibatch_update(scored_batch, agg, shaped, micro):
+    # micro 4 splits each 6-row minibatch 4 + 2; micro 1 gives the empty row a part of its own
+    whole_params, whole = _update(scored_batch, None, agg, shaped)
+    parts_params, parts = _update(scored_batch, micro, agg, shaped)
+    before = {k: v.detach() for k, v in scored_batch[0].named_parameters()}
+    moved = max(float((whole_params[k] - before[k]).abs().max()) for k in before)
+    assert moved > 1e-3, "the update must move the weights for the comparison to mean much"
+    for k in whole_params:
+        assert_close(parts_params[k], whole_params[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert sorted(parts) == sorted(whole)
+    assert {"actor/kl_ref", "actor/entropy", "actor/pg_clipfrac"} <= set(whole)
+    assert whole["actor/pg_clipfrac"] > 0 and whole["actor/kl_ref"] > 0
+    for k, v in whole.items():
+        assert parts[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_one_micro_batch_is_bit_identical_to_none(scored_batch):
+    whole_params, whole = _update(scored_batch, None, LossAgg.token_mean, True)
+    big_params, big = _update(scored_batch, 64, LossAgg.token_mean, True)
+    assert all(torch.equal(big_params[k], whole_params[k]) for k in whole_params)
+    assert big == whole
+
+
+def test_sequence_logprobs_in_chunks(tiny_policy):
+    model, tok = tiny_policy
+    torch.manual_seed(0)
+    batch = sample(model, tok, ["12+3=", "1+1=", "999+999="], n=3, max_new_tokens=6)
+    assert_close(
+        sequence_logprobs(model, batch, 0.7, chunk=2),
+        sequence_logprobs(model, batch, 0.7),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_micro_batched_sft_step_equals_the_whole_batch(tiny_policy):
+    model, tok = tiny_policy
+    task = make_task(ArithmeticTaskConfig(digits=3, n_train=16, n_eval=2))
+    problems = task.train_problems()[:7]  # targets of 3 and 4 digits: uneven token counts
+    results = []
+    for micro in (None, 3):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        metrics = sft_step(m, opt, tok, problems, max_grad_norm=0.5, micro_batch_size=micro)
+        results.append(({k: v.detach() for k, v in m.named_parameters()}, metrics))
+    (whole_params, whole), (parts_params, parts) = results
+    for k in whole_params:
+        assert_close(parts_params[k], whole_params[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert parts["sft/loss"] == pytest.approx(whole["sft/loss"], rel=1e-6)
+    assert parts["sft/grad_norm"] == pytest.approx(whole["sft/grad_norm"], rel=1e-5)

@@ -26,3 +26,10 @@ def test_mismatches_are_named() -> None:
     ours = _dump(seed=1, task={"n_eval": 64}, warmup={"lr": 3e-3})
     assert warmup_mismatch(_dump(), ours) == ["seed", "task", "warmup"]
     assert warmup_mismatch(_dump(), _dump(train={"eval_size": 8})) == ["eval_size"]
+
+
+def test_fields_added_since_the_source_run_count_with_their_defaults() -> None:
+    theirs = _dump()
+    del theirs["model"]["stop_tokens"], theirs["model"]["compute_dtype"]  # written before them
+    assert warmup_mismatch(theirs, _dump()) == []
+    assert warmup_mismatch(theirs, _dump(model={"stop_tokens": ["1"]})) == ["model"]

@@ -123,9 +123,10 @@ def _check_engine(engine: str) -> None:
 def _bad_input() -> tuple[type[Exception], ...]:
     from npo.rollout.vllm import VllmUnavailable
     from npo.steps.context import RunConflict
+    from npo.store.inputs import InputError
     from npo.tasks import TaskError
 
-    return (RunConflict, TaskError, VllmUnavailable, *_unreachable())
+    return (RunConflict, TaskError, VllmUnavailable, InputError, *_unreachable())
 
 
 @contextlib.contextmanager
@@ -229,20 +230,26 @@ def eval_(
         _fail(e)
     cfg = _load(config or find_run_config(checkpoint), set_)
     _quiet_libraries()
-    import torch
-
     from npo.policy import load_policy
+    from npo.stages import use_compute
     from npo.steps.evaluate import evaluate_policy
     from npo.tasks import TaskError, make_task
 
-    torch.set_num_threads(cfg.train.threads)
     try:
+        use_compute(cfg)  # the run's device and compute dtype, as its evaluations had
         task = make_task(cfg.task)
-    except TaskError as e:
+    except (TaskError, RuntimeError) as e:
         _fail(e)
     model, tokenizer = load_policy(policy_dir, cfg.model.dtype)
     problems = task.eval_problems()[:limit]
-    result = evaluate_policy(model, tokenizer, task, problems, cfg.rollout.max_new_tokens)
+    result = evaluate_policy(
+        model,
+        tokenizer,
+        task,
+        problems,
+        cfg.rollout.max_new_tokens,
+        batch_size=cfg.rollout.hf_batch_size,
+    )
     console.print(_summary_table({"checkpoint": str(checkpoint), **result}))
 
 
@@ -277,6 +284,44 @@ def compile_(
         except ConfigError as e:
             _fail(e)
         console.print(f"{path} -> {target}", markup=False, highlight=False)
+
+
+@app.command()
+def stage(
+    source: Annotated[Path, typer.Argument(help="A model folder or a dataset file.")],
+    uri: Annotated[str, typer.Argument(help="Destination in the object store: s3://bucket/key.")],
+) -> None:
+    """Upload a model folder or a dataset file to the object store, for runs on a cluster:
+    configs then name the URI in model.source or task.train_path / eval_path."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from npo.store.inputs import InputError
+    from npo.store.inputs import stage as stage_input
+
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    with Progress(
+        TextColumn("stage"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.description}"),
+        console=err_console,
+        disable=not err_console.is_terminal,
+    ) as bar:
+        task = bar.add_task("", total=sum(p.stat().st_size for p in files))
+
+        def advance(rel: str, size: int) -> None:
+            bar.update(task, advance=size, description=rel)
+
+        try:
+            done = stage_input(source, uri, advance)
+        except (InputError, *_unreachable()) as e:
+            _fail(e)
+    console.print(
+        f"{source} -> {done['uri']}: {done['files']} files, {done['bytes'] / 1e6:.1f} MB",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,  # paths and URIs stay whole, to copy from
+    )
 
 
 @app.command()

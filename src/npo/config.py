@@ -9,13 +9,22 @@ validates; any error raises `ConfigError` whose message names the field.
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -44,10 +53,33 @@ class ArithmeticTaskConfig(_Strict):
     seed: int = Field(1234, description="Seed of the prompt sets (independent of run seed).")
 
 
+def _input_ref(value: str) -> str:
+    """A local path, or a store URI of a kind `npo.store.inputs` fetches."""
+    if not value:
+        raise ValueError("empty: give a local path or a store URI (s3://bucket/key)")
+    if "://" in value and value.split("://", 1)[0].lower() not in INPUT_SCHEMES:
+        known = ", ".join(f"{s}://" for s in INPUT_SCHEMES)
+        raise ValueError(f"{value!r}: unsupported URI scheme (known: {known}, or a local path)")
+    return value
+
+
+INPUT_SCHEMES = ("s3", "file")
+InputRef = Annotated[
+    str,
+    BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v),
+    AfterValidator(_input_ref),
+]
+
+
 class MathTaskConfig(_Strict):
     kind: Literal["math"] = "math"
-    train_path: Path = Field(description="JSONL file with one {prompt, answer} per line.")
-    eval_path: Path = Field(description="JSONL file of held-out {prompt, answer} lines.")
+    train_path: InputRef = Field(
+        description="JSONL file with one {prompt, answer} per line: a local path or a store "
+        "URI (s3://bucket/key, put there with `npo stage`), which every step fetches."
+    )
+    eval_path: InputRef = Field(
+        description="JSONL file of held-out {prompt, answer} lines (a path or a store URI)."
+    )
     timeout_s: float = Field(5.0, gt=0, description="Per-call timeout of math-verify.")
     prompt_template: str = Field(
         "{prompt}", description="Format string applied to each prompt; must contain {prompt}."
@@ -82,16 +114,44 @@ class TinyModelConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    source: str = Field(
+    source: InputRef = Field(
         "tiny",
-        description="'tiny' (built-in char-level model) or a local HF model directory.",
+        description="'tiny' (built-in char-level model), a local HF model folder, or a store "
+        "URI of one (s3://bucket/prefix, put there with `npo stage`), fetched by the warm-up.",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter dtype (float32 on CPU)."
+        "float32",
+        description="Parameter dtype: what the weights are stored, updated and checkpointed "
+        "in. Keep float32 for training: AdamW steps at lr ~1e-6 are below bfloat16's "
+        "resolution and vanish when the weights themselves are bfloat16.",
     )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Forward passes (training, rollouts, eval) run under torch.autocast in "
+        "this dtype, and the vLLM engine samples in it; None = the parameter dtype. float32 "
+        "weights + bfloat16 compute is the usual mixed precision on GPUs; prefer bfloat16 "
+        "to float16, which gets no loss scaling here.",
+    )
+
+    @model_validator(mode="after")
+    def _compute_not_wider(self) -> ModelConfig:
+        # autocast only lowers precision: float32 compute over bf16 weights would be ignored
+        if self.compute_dtype == "float32" and self.dtype != "float32":
+            raise ValueError(
+                f"compute_dtype float32 needs dtype float32 (got {self.dtype}): autocast "
+                "cannot compute wider than the weights"
+            )
+        return self
+
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the policy trains and samples: auto = cuda when visible."
+    )
+    stop_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens that end a response besides the tokenizer's EOS, e.g. "
+        "'<|im_end|>' when a base model gets chat-format prompts; each must be a single "
+        "token of the tokenizer. The checkpoint's generation_config EOS ids also stop.",
     )
 
 
@@ -144,6 +204,12 @@ class RolloutConfig(_Strict):
     group_size: int = Field(8, ge=2, description="Responses sampled per prompt (G).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     max_new_tokens: int = Field(8, ge=1, description="Longest response in tokens.")
+    hf_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="hf: sequences per generate call (None = the whole batch at once); "
+        "bounds the KV cache's memory on a real model.",
+    )
 
 
 class AdvEstimator(StrEnum):
@@ -172,6 +238,13 @@ class AlgoConfig(_Strict):
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     minibatches: int = Field(1, ge=1, description="Optimizer steps per epoch.")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Sequences per forward/backward pass: each minibatch's gradient is "
+        "accumulated over micro-batches, weighted so it equals the whole minibatch's "
+        "(None = the whole minibatch at once). Bounds activation memory on a real model.",
+    )
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the RL phase.")
     lr_warmup_steps: int = Field(
         10, ge=0, description="Policy steps of linear learning-rate warm-up at the RL start."
@@ -541,6 +614,16 @@ def public_dump(cfg: ExperimentConfig) -> dict[str, Any]:
     data["store"]["artifacts_uri"] = redact_url(data["store"]["artifacts_uri"])
     data["tracking"]["tracking_uri"] = redact_url(data["tracking"]["tracking_uri"])
     return data
+
+
+def current_dump(saved: dict[str, Any]) -> dict[str, Any] | None:
+    """A config dump written by an earlier version, as this version dumps it: fields added
+    since get their defaults, so a run started before them still matches its own config.
+    None when it no longer validates (a field was removed or tightened)."""
+    try:
+        return public_dump(ExperimentConfig.model_validate(saved))
+    except ValidationError:
+        return None
 
 
 # --------------------------------------------------------------------------- loading

@@ -76,7 +76,8 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
     target = ctx.cfg.warmup.target_accuracy
     warmup_steps = int(rows[0].get("warmup/steps", 0)) if rows else 0
     warning = {}
-    if target is not None and start < target:  # the warm-up hit its step cap first
+    # The warm-up hit its step cap first (warmup.steps 0 skips it on purpose: no warning).
+    if target is not None and start < target and ctx.cfg.warmup.steps > 0:
         warning["warning"] = (
             f"the warm-up stopped at its cap ({warmup_steps} steps) at {start:.1%}, below "
             f"warmup.target_accuracy {target:.0%}: RL started from a policy that rarely "

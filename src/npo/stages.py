@@ -33,7 +33,7 @@ from npo.guidance.sources import (
     GoldTeacher,
     TrajectorySource,
 )
-from npo.policy.model import use_device
+from npo.policy.model import use_compute_dtype, use_device
 from npo.report import load_history, write_report
 from npo.report_html import curves_html
 from npo.steps.context import ProgressFn, RunConflict, RunContext, open_run
@@ -394,6 +394,7 @@ def evaluate(ctx: RunContext, run_id: str, step: int) -> Result:
         ctx.task,
         ctx.task.eval_problems(),
         cfg.rollout.max_new_tokens,
+        cfg.rollout.hf_batch_size,
     )
     final = {f"final/{k.split('/', 1)[-1]}": v for k, v in metrics.items()}
     ctx.tracker.log_metrics(final, step=int(loaded.state["global_step"]))
@@ -445,10 +446,12 @@ def config_from_json(config: str) -> ExperimentConfig:
 
 
 def use_compute(cfg: ExperimentConfig) -> None:
-    """Where and how this process computes for a run: torch threads and the policy device
-    (every entry point that trains calls this: a stage, the in-process engine)."""
+    """Where and how this process computes for a run: torch threads, the policy device and
+    the forward passes' dtype (every entry point that trains calls this: a stage, the
+    in-process engine)."""
     torch.set_num_threads(cfg.train.threads)
     use_device(cfg.model.device)
+    use_compute_dtype(cfg.model.compute_dtype)
 
 
 def run_stage(name: str, config: str, progress: ProgressFn | None = None, **params: Any) -> Result:

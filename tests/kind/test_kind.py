@@ -8,7 +8,9 @@ the runs volume ->
 `make deploy VALUES=tests/kind/values-kind.yaml` -> port-forward the KFP API ->
 `npo submit configs/toy_autonpo.yaml --wait` with the chart's submit-args (ConfigMap
 npo-config) and a short budget -> checkpoints in the object store (minio SDK), rows in
-PostgreSQL, metrics in MLflow (each through a port-forward) -> delete the cluster.
+PostgreSQL, metrics in MLflow (each through a port-forward) -> `npo stage` a Qwen2-shaped
+model and math datasets into the chart's S3 and submit configs/math_autonpo.yaml at CPU
+size (its URIs, the CPU image) -> its checkpoints -> delete the cluster.
 
 Skipped unless NPO_KIND_E2E=1 (`make test` never runs it), and skipped, saying why, when
 `kind`, `docker` or a reachable Docker daemon is missing. NPO_KIND_KEEP=1 keeps the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -55,6 +58,36 @@ SMALL_BUDGET = [
     "autonpo.candidates=[5,10]",
     "autonpo.cooldown=10",
     "autonpo.confirm_prompts=8",
+    "cluster.cpu_request=500m",
+    "cluster.memory_request=1Gi",
+    "cluster.retry.count=1",
+]
+# configs/math_autonpo.yaml made CPU-sized: the CPU image, HF rollouts, no accelerator.
+REAL_RUN = "kind-real"
+REAL = {
+    "model.source": "s3://npo/models/kind-tiny-qwen",
+    "task.train_path": "s3://npo/datasets/kind/sums.jsonl",
+    "task.eval_path": "s3://npo/datasets/kind/sums.jsonl",
+}
+REAL_BUDGET = [
+    f"name={REAL_RUN}",
+    "model.device=cpu",
+    "model.compute_dtype=null",
+    "rollout.backend=hf",
+    "rollout.prompts_per_step=4",
+    "rollout.max_new_tokens=12",
+    "algo.minibatches=2",
+    "algo.micro_batch_size=4",
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.threads=1",
+    "autonpo.check_every=2",
+    "autonpo.window=2",
+    "autonpo.candidates=[2]",
+    "autonpo.confirm_prompts=4",
+    "cluster.image=ghcr.io/npo-project/npo:0.1.0-cpu",
+    "cluster.accelerator_type=null",
     "cluster.cpu_request=500m",
     "cluster.memory_request=1Gi",
     "cluster.retry.count=1",
@@ -273,3 +306,38 @@ def test_pipeline_run_on_kind_uses_the_charts_services(cluster: dict[str, str]) 
         assert any(r.data.metrics for r in found), [r.info.run_name for r in found]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
             assert resp.status == 200
+
+    # 9. the real-model config, at CPU size: a Qwen2-shaped model and math datasets staged
+    # into the chart's object store with `npo stage`, named by URI only
+    from helpers import CHAT_TEMPLATE, write_tiny_hf_model
+
+    work = ROOT / ".tools" / "kind-real"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    lines = [{"prompt": f"What is {a} + {7 - a}?", "answer": 7} for a in range(8)]
+    (work / "sums.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_tiny_hf_model(work / "model", [CHAT_TEMPLATE, *(d["prompt"] for d in lines)])
+    npo = str(Path(sys.executable).with_name("npo"))
+    with port_forward(env, "npo-seaweedfs", 8333) as s3:
+        s3_env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
+                  "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret_key}  # fmt: skip
+        sources = {"model.source": "model", "task.train_path": "sums.jsonl",
+                   "task.eval_path": "sums.jsonl"}  # fmt: skip
+        for field, source in sources.items():
+            sh([npo, "stage", str(work / source), REAL[field]], s3_env, timeout=300)
+    with port_forward(env, "ml-pipeline", 8888) as api:
+        overrides = [a for s in [*REAL_BUDGET, *(f"{k}={v}" for k, v in REAL.items())]
+                     for a in ("--set", s)]  # fmt: skip
+        done = sh(
+            [npo, "submit", "configs/math_autonpo.yaml", "--host", f"http://127.0.0.1:{api}",
+             "--experiment", "npo-kind-e2e", "--wait", "--timeout", "3600",
+             *shlex.split(submit_args), *overrides],
+            env, timeout=4000, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, f"npo submit --wait failed:\n{done.stdout}\n{done.stderr}"
+        assert not [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+    with port_forward(env, "npo-seaweedfs", 8333) as s3:
+        client = Minio(f"127.0.0.1:{s3}", access, secret_key, secure=False)
+        prefix = f"experiments/runs/{REAL_RUN}/ckpt/"
+        keys = [o.object_name for o in client.list_objects("npo", prefix=prefix, recursive=True)]
+        assert sum(key.endswith("manifest.json") for key in keys) >= 2, keys[:50]

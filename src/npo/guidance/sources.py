@@ -107,6 +107,8 @@ class GoldTeacher(Stateless):
     def trajectory(self, problem: Problem) -> GuideTrajectory:
         if problem.id not in self._memo:
             ids = self.tokenizer(problem.target, add_special_tokens=False)["input_ids"]
+            # The tokenizer's EOS (the first stop id, which every policy has) ends it: any
+            # stop id would do, and this keeps the trajectory independent of model.stop_tokens.
             ids = [*ids, self.tokenizer.eos_token_id]
             # Behaviour probability 1 (log-prob 0): LUFFY's convention for teacher tokens.
             self._memo[problem.id] = GuideTrajectory(

@@ -159,7 +159,8 @@ def _supplied(cfg: ExperimentConfig, variable: str) -> bool:
 
 def cluster_warnings(cfg: ExperimentConfig) -> list[str]:
     """Storage a cluster run cannot share between pods (each task is its own pod, with its
-    own disk): local artifact folders and SQLite, unless the environment overrides them."""
+    own disk): local artifact folders and SQLite, unless the environment overrides them, and
+    inputs (model, datasets) on local paths outside the runs volume."""
     found = []
     if not (cfg.store.artifacts_uri or "").startswith("s3://") and not _supplied(
         cfg, "NPO_ARTIFACTS_URI"
@@ -175,6 +176,18 @@ def cluster_warnings(cfg: ExperimentConfig) -> list[str]:
             "the metadata DB is SQLite and no NPO_METADATA_URL reaches the pods: each task "
             "would see its own empty database"
         )
+    inputs = {"model.source": cfg.model.source} if cfg.model.source != "tiny" else {}
+    if cfg.task.kind == "math":
+        inputs |= {"task.train_path": cfg.task.train_path, "task.eval_path": cfg.task.eval_path}
+    shared = f"{cfg.cluster.runs_mount.rstrip('/')}/" if cfg.cluster.runs_volume else None
+    for field, ref in inputs.items():
+        on_volume = shared is not None and ref.removeprefix("file://").startswith(shared)
+        if not ref.startswith("s3://") and not on_volume:
+            found.append(
+                f"{field} {ref!r} is a local path: the pods see it only if their image has "
+                f"it; put it in the object store with `npo stage {ref} s3://BUCKET/...` and "
+                "name that URI"
+            )
     if not cfg.cluster.runs_volume:
         found.append(
             "cluster.runs_volume is not set: the run folders (metrics history, run.json) "

@@ -1,11 +1,14 @@
-"""Policy loading: the built-in tiny Llama-style model, or any local Hugging Face model folder.
+"""Policy loading: the built-in tiny Llama-style model, or any Hugging Face model folder.
 
 Both go through `save_pretrained` / `from_pretrained`, so the code path that loads the toy
-model is the one that loads a real Qwen checkpoint.
+model is the one that loads a real Qwen checkpoint. The ids that end a response (the
+tokenizer's EOS, the checkpoint's own generation_config EOS ids, `model.stop_tokens`) live on
+`model.generation_config.eos_token_id`, so every checkpoint saves them with the weights.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -21,9 +24,11 @@ from transformers import (
 
 from npo.config import ModelConfig, TinyModelConfig
 from npo.policy.tokenizer import build_char_tokenizer
+from npo.store.inputs import fetch_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _device = torch.device("cpu")  # where loaded policies go; set per run by use_device
+_compute_dtype: torch.dtype | None = None  # autocast dtype of forwards; set by use_compute_dtype
 
 
 def use_device(name: str) -> torch.device:
@@ -36,6 +41,35 @@ def use_device(name: str) -> torch.device:
         raise RuntimeError("model.device=cuda but no CUDA device is visible")
     _device = torch.device(name)
     return _device
+
+
+def use_compute_dtype(name: str | None) -> torch.dtype | None:
+    """Run this process's forward passes (training, rollouts, eval) under autocast in `name`
+    (None: in the parameter dtype); returns the dtype. Set per run, like `use_device`.
+    float16 gets no loss scaling here (its small gradients can underflow): prefer bfloat16."""
+    global _compute_dtype
+    _compute_dtype = None if name is None else DTYPES[name]
+    return _compute_dtype
+
+
+def forward_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The dtype `model`'s forward passes compute in: the compute dtype, else its own."""
+    return _compute_dtype or model.dtype
+
+
+def compute_context(model: PreTrainedModel) -> AbstractContextManager[object]:
+    """Wrap a forward pass (or `generate`) of `model`: autocast to the compute dtype when it
+    differs from the parameter dtype, else nothing. Weights, gradients and optimizer state
+    stay in the parameter dtype; callers cast logits `.float()` for the loss math."""
+    dtype = forward_dtype(model)
+    if dtype == model.dtype:
+        return nullcontext()
+    if dtype == torch.float32:
+        # autocast only lowers precision: it would silently run bf16 weights in bf16
+        raise ValueError(
+            f"model.compute_dtype=float32 needs model.dtype=float32 (weights are {model.dtype})"
+        )
+    return torch.autocast(model.device.type, dtype=dtype)
 
 
 def build_tiny_model(
@@ -67,22 +101,64 @@ def _plain_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokeni
     # Sampling must draw from the plain tempered distribution: a checkpoint's own sampling
     # knobs (top-k/p, min-p, repetition penalty, suppressed tokens...) would make the
     # behaviour log-probs we record differ from the distribution we sampled from.
+    # Only the stop ids are kept: the checkpoint's EOS ids (one or several) and ours.
     model.generation_config = GenerationConfig(
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=_ordered_ids([tokenizer.eos_token_id, *stop_token_ids(model)]),
         bos_token_id=tokenizer.bos_token_id,
     )
+
+
+def _ordered_ids(ids: list[int | None]) -> list[int]:
+    return [i for i in dict.fromkeys(ids) if i is not None]
+
+
+def stop_token_ids(model: PreTrainedModel) -> list[int]:
+    """The ids that end a response: `model.generation_config.eos_token_id` as a list (the
+    tokenizer's EOS first for models from `init_policy` / `load_policy`)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return []
+    return [int(i) for i in eos] if isinstance(eos, list | tuple) else [int(eos)]
+
+
+def stop_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The one id of `token`: a token of the vocabulary (special ones included, e.g.
+    '<|im_end|>') or text that encodes to exactly one known token (e.g. a newline)."""
+    unk = tokenizer.unk_token_id
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is not None and tid != unk:
+        return int(tid)
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) == 1 and ids[0] != unk:
+        return int(ids[0])
+    why = "it is not in the vocabulary" if unk in ids else f"it encodes to {len(ids)} tokens"
+    raise ValueError(f"model.stop_tokens: {token!r} is not a single token of the tokenizer: {why}")
+
+
+def add_stop_tokens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokens: list[str]
+) -> None:
+    """Make each of `tokens` end a response too: appended (deduplicated) to the stop ids on
+    `model.generation_config`, which `save_pretrained` writes with the checkpoint."""
+    ids = [stop_token_id(tokenizer, t) for t in tokens]
+    model.generation_config.eos_token_id = _ordered_ids([*stop_token_ids(model), *ids])
 
 
 def init_policy(
     cfg: ModelConfig, alphabet: str, seed: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The starting policy named by `cfg.source`: 'tiny' builds one, else a local HF folder."""
+    """The starting policy named by `cfg.source` ('tiny' builds one, else a local HF
+    folder or a store URI of one, fetched first), with `cfg.stop_tokens` added to its stop
+    ids."""
     if cfg.source == "tiny":
         tokenizer = build_char_tokenizer(alphabet)
         model = build_tiny_model(cfg.tiny, tokenizer, seed)
-        return model.to(device=_device, dtype=DTYPES[cfg.dtype]), tokenizer
-    return load_policy(Path(cfg.source), cfg.dtype)
+        model = model.to(device=_device, dtype=DTYPES[cfg.dtype])
+    else:
+        model, tokenizer = load_policy(fetch_folder(cfg.source), cfg.dtype)
+    add_stop_tokens(model, tokenizer, cfg.stop_tokens)
+    return model, tokenizer
 
 
 def load_policy(

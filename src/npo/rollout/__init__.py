@@ -28,7 +28,8 @@ def rollout(
     prompts: list[str],
     n: int,
 ) -> RolloutBatch:
-    """`n` samples per prompt at the config's temperature and length, on its backend."""
+    """`n` samples per prompt at the config's temperature and length, on its backend (hf:
+    `hf_batch_size` sequences per generate call)."""
     if cfg.backend == "vllm":
         from npo.rollout import vllm
 
@@ -52,4 +53,5 @@ def rollout(
         n=n,
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.hf_batch_size,
     )

@@ -3,26 +3,34 @@
 `sample(model, tokenizer, prompts, n, ...)` draws `n` responses per prompt and returns a
 `RolloutBatch` whose behaviour log-probs are those of the tempered distribution we sampled
 from (no top-k / top-p: see npo.policy.model). Greedy decoding (eval) is `temperature=0`.
+A response ends at the first of the model's stop ids (`npo.policy.stop_token_ids`).
+`generate` runs in the run's compute dtype (`npo.policy.model.compute_context`); the
+recorded log-probs are float32 log-softmax of the logits it sampled from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from npo.policy.model import compute_context, stop_token_ids
 from npo.rollout.batch import RolloutBatch
 
 
-def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """[B, R] -> [B, R] mask: 1 up to and including the first EOS, 0 after it.
+def response_mask_from_ids(response_ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """[B, R] -> [B, R] mask: 1 up to and including the first stop token, 0 after it.
 
-    >>> response_mask_from_ids(torch.tensor([[5, 2, 0], [5, 6, 7]]), eos_id=2).tolist()
-    [[1, 1, 0], [1, 1, 1]]
+    >>> ids = torch.tensor([[5, 2, 0], [5, 6, 7], [9, 5, 2]])
+    >>> response_mask_from_ids(ids, stop_ids=[2, 9]).tolist()
+    [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
     """
-    is_eos = (response_ids == eos_id).long()
-    # Count of EOS strictly before each position: a token is kept while that count is 0.
-    eos_before = torch.cumsum(is_eos, dim=1) - is_eos
-    return (eos_before == 0).long()
+    stops = torch.as_tensor(list(stop_ids), dtype=response_ids.dtype, device=response_ids.device)
+    is_stop = torch.isin(response_ids, stops).long()
+    # Count of stop tokens strictly before each position: a token is kept while that is 0.
+    stops_before = torch.cumsum(is_stop, dim=1) - is_stop
+    return (stops_before == 0).long()
 
 
 @torch.no_grad()
@@ -67,21 +75,23 @@ def _generate(
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     greedy = temperature <= 0
-    out = model.generate(
-        **enc,
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_k=None,
-        top_p=None,
-        max_new_tokens=max_new_tokens,
-        return_dict_in_generate=True,
-        output_logits=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    stops = stop_token_ids(model)
+    with compute_context(model):
+        out = model.generate(
+            **enc,
+            do_sample=not greedy,
+            temperature=None if greedy else temperature,
+            top_k=None,
+            top_p=None,
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stops,
+        )
     prompt_len = enc["input_ids"].shape[1]
     response_ids = out.sequences[:, prompt_len:]
-    mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    mask = response_mask_from_ids(response_ids, stops)
     # Raw logits per step -> tempered log-probs of the tokens actually drawn.
     logits = torch.stack(out.logits, dim=1).float()  # [B, R, V]
     scale = 1.0 if greedy else temperature

@@ -2,15 +2,19 @@
 
 Returns the same `RolloutBatch` as the HF backend: left-padded prompts (our tokenizer's
 ids, so training sees exactly the tokens vLLM was given), right-padded responses masked up to
-and including the first EOS, and behaviour log-probs of the *tempered* distribution the
+and including the first stop token (any of the model's stop ids, see
+npo.policy.stop_token_ids; vLLM gets the ones besides the tokenizer's EOS as
+`stop_token_ids`), and behaviour log-probs of the *tempered* distribution the
 tokens were drawn from: the engine runs with `logprobs_mode="processed_logprobs"` (log-probs
 after temperature; no top-k/top-p/penalties are ever set), the convention of npo.rollout.hf.
 
 One engine per process, built on first use from the policy being trained (saved once to a
 temporary Hugging Face folder), and kept: before every call the current weights are loaded
-into it, so a train task samples on-policy at every step and a new segment (a new task, or
-a rollback to an older checkpoint) needs no restart. The engine core runs in this process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0) so that loading weights is a direct call, not an RPC.
+into it (cast to the engine's dtype: model.compute_dtype when set, e.g. bfloat16 sampling
+from float32 master weights), so a train task samples on-policy at every step and a new
+segment (a new task, or a rollback to an older checkpoint) needs no restart. The engine
+core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that loading weights is a
+direct call, not an RPC.
 
 Written against vLLM 0.32's public API (the `vllm` extra's pin): `LLM(logprobs_mode=...)`,
 `SamplingParams`, `vllm.inputs.TokensPrompt` and `LLM.apply_model` for the weight sync.
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from npo.policy.model import forward_dtype, stop_token_ids
 from npo.rollout.batch import RolloutBatch
 
 
@@ -36,8 +41,8 @@ class VllmUnavailable(RuntimeError):
 
 @dataclass
 class Completion:
-    """One sampled response: its token ids (EOS included when it stopped there) and the
-    behaviour log-prob of each."""
+    """One sampled response: its token ids (the stop token included when it stopped at one)
+    and the behaviour log-prob of each."""
 
     token_ids: list[int]
     logprobs: list[float]
@@ -46,21 +51,23 @@ class Completion:
 def batch_from_completions(
     prompt_ids: Sequence[Sequence[int]],
     completions: Sequence[Sequence[Completion]],
-    eos_id: int,
+    stop_ids: Sequence[int],
     pad_id: int,
     decode: Callable[[list[list[int]]], list[str]],
 ) -> RolloutBatch:
     """RolloutBatch from per-prompt completions (prompt i's n responses become rows
-    i*n .. i*n+n-1). Tokens after a first EOS are dropped, as the HF backend masks them.
+    i*n .. i*n+n-1). Tokens after the first of any stop id are dropped, as the HF backend
+    masks them.
 
     >>> b = batch_from_completions([[5, 6], [7]], [[Completion([1, 2], [-.1, -.2])],
-    ...     [Completion([3, 2, 4], [-.3, -.4, -.5])]], eos_id=2, pad_id=0,
+    ...     [Completion([3, 9, 2, 4], [-.3, -.4, -.5, -.6])]], stop_ids=[2, 9], pad_id=0,
     ...     decode=lambda rows: [str(r) for r in rows])
     >>> b.prompt_ids.tolist(), b.response_ids.tolist(), b.response_mask.tolist()
-    ([[5, 6], [0, 7]], [[1, 2, 0], [3, 2, 0]], [[1, 1, 0], [1, 1, 0]])
+    ([[5, 6], [0, 7]], [[1, 2], [3, 9]], [[1, 1], [1, 1]])
     """
     if len(prompt_ids) != len(completions):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completions)} completion lists")
+    stops = set(stop_ids)
     rows_prompt, rows_ids, rows_lp, index = [], [], [], []
     for i, (prompt, outs) in enumerate(zip(prompt_ids, completions, strict=True)):
         for out in outs:
@@ -68,7 +75,7 @@ def batch_from_completions(
                 raise ValueError(f"prompt {i}: {len(out.token_ids)} tokens but "
                                  f"{len(out.logprobs)} log-probs")  # fmt: skip
             ids = list(out.token_ids)
-            cut = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
+            cut = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
             rows_prompt.append(list(prompt))
             rows_ids.append(ids[:cut])
             rows_lp.append(list(out.logprobs[:cut]))
@@ -97,6 +104,16 @@ def batch_from_completions(
         texts=decode(rows_ids),
         prompt_index=torch.tensor(index, dtype=torch.long),
     )
+
+
+def extra_stop_ids(stop_ids: Sequence[int], eos_id: int | None) -> list[int]:
+    """The stop ids vLLM must be told of (`SamplingParams.stop_token_ids`): all but the
+    tokenizer's EOS, which vLLM stops at by itself.
+
+    >>> extra_stop_ids([2, 7, 9], eos_id=2)
+    [7, 9]
+    """
+    return [i for i in stop_ids if i != eos_id]
 
 
 def completions_from_request(request_output: Any) -> list[Completion]:
@@ -142,9 +159,12 @@ class VllmEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="npo-vllm-")
         model.save_pretrained(self._dir.name)
         tokenizer.save_pretrained(self._dir.name)
+        # The engine samples in the compute dtype (model.compute_dtype, else the weights'):
+        # float32 master weights are cast to it on load, here and in every load_weights.
+        self.dtype = forward_dtype(model)
         self.llm = LLM(
             model=self._dir.name,
-            dtype=str(model.dtype).removeprefix("torch."),
+            dtype=str(self.dtype).removeprefix("torch."),
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
@@ -156,10 +176,14 @@ class VllmEngine:
         """Copy the trained model's current weights into the engine (every call: the
         policy changes every optimizer step)."""
         weights = [(k, v.detach()) for k, v in model.state_dict().items()]
-        self.llm.apply_model(lambda m: m.load_weights(weights))
+        dtype = self.dtype
+        # Cast one tensor at a time (a generator per call): no second full copy of the
+        # weights in the engine dtype is held while they load.
+        self.llm.apply_model(lambda m: m.load_weights((k, v.to(dtype)) for k, v in weights))
 
-    def sample(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
-               temperature: float, max_new_tokens: int, seed: int) -> RolloutBatch:  # fmt: skip
+    def sample(self, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int],
+               prompts: list[str], n: int, temperature: float, max_new_tokens: int,
+               seed: int) -> RolloutBatch:  # fmt: skip
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -173,6 +197,7 @@ class VllmEngine:
             max_tokens=max_new_tokens,
             logprobs=0,  # the drawn token's log-prob only
             seed=seed,
+            stop_token_ids=extra_stop_ids(stop_ids, tokenizer.eos_token_id),
         )
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
@@ -180,7 +205,7 @@ class VllmEngine:
         return batch_from_completions(
             prompt_ids,
             [completions_from_request(o) for o in outputs],
-            tokenizer.eos_token_id,
+            stop_ids,
             tokenizer.pad_token_id,
             lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True),
         )
@@ -210,4 +235,5 @@ def sample(
         _ENGINE = VllmEngine(model, tokenizer, seed, gpu_memory_utilization, max_model_len)
     else:
         _ENGINE.load_weights(model)
-    return _ENGINE.sample(tokenizer, prompts, n, temperature, max_new_tokens, seed)
+    stop_ids = stop_token_ids(model)
+    return _ENGINE.sample(tokenizer, stop_ids, prompts, n, temperature, max_new_tokens, seed)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from npo.config import ExperimentConfig, public_dump
+from npo.config import ExperimentConfig, current_dump, public_dump
 from npo.store.artifacts import ArtifactStore, open_store
 from npo.store.checkpoint import list_checkpoints
 from npo.store.metadata import MetadataDB, default_metadata_url
@@ -100,6 +100,11 @@ def _config_text(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(public_dump(cfg), sort_keys=True)
 
 
+def _same_config(saved: str, text: str) -> bool:
+    """Whether a run folder's config.yaml is `text`'s config, fields added since included."""
+    return saved == text or current_dump(yaml.safe_load(saved)) == yaml.safe_load(text)
+
+
 def is_main_line(root_id: str, run_id: str) -> bool:
     """True for the run itself and its rollback lineages, False for look-ahead branches."""
     return re.fullmatch(rf"{re.escape(root_id)}(\.r\d+)?", run_id) is not None
@@ -143,7 +148,7 @@ def open_run(
             shutil.rmtree(run_dir)
         store.delete_prefix(f"runs/{cfg.name}/")  # the run's checkpoints and guidance
         store.delete_prefix(f"runs/{cfg.name}.")  # its look-ahead branches and lineages
-    if saved.exists() and saved.read_text() != text:
+    if saved.exists() and not _same_config(saved.read_text(), text):
         raise RunConflict(
             f"{run_dir} holds a run started with a different config; resume it with the "
             f"same config, pick another name (--set name=...), or pass --fresh to restart it"

@@ -16,9 +16,12 @@ def evaluate_policy(
     task: Task,
     problems: list[Problem],
     max_new_tokens: int,
-    batch_size: int = 512,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
-    """Greedy decode each problem once and verify: {"eval/accuracy", "eval/n", ...}."""
+    """Greedy decode each problem once and verify: {"eval/accuracy", "eval/n", ...}.
+
+    batch_size: problems per generate call (rollout.hf_batch_size; None = 512).
+    """
     batch = sample(
         model,
         tokenizer,
@@ -26,7 +29,7 @@ def evaluate_policy(
         n=1,
         temperature=0.0,
         max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
+        batch_size=batch_size or 512,
     )
     verdicts = task.verify_batch(problems, batch.texts)
     correct = sum(v.reward for v in verdicts)

@@ -55,7 +55,9 @@ def generate_guidance(
 
     def rollout(ref: CheckpointRef) -> tuple[RolloutBatch, list[int | None], float]:
         out = sample_checkpoint(ctx, ref, problems, tries, policy_step, stream=4)
-        acc = evaluate_policy(out.model, out.tokenizer, ctx.task, evals, ro.max_new_tokens)
+        acc = evaluate_policy(
+            out.model, out.tokenizer, ctx.task, evals, ro.max_new_tokens, ro.hf_batch_size
+        )
         return out.batch, first_correct_rows(out.rewards), acc["eval/accuracy"]
 
     guide_batch, guide_first, guide_acc = rollout(guide)

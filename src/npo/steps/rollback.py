@@ -57,11 +57,12 @@ def choose_rollback_distance(ctx: RunContext, chain: Lineage, t: int) -> dict[st
         raise NoRollbackCandidate(f"step {t}: no mistake-pool prompts after any candidate")
     rollout, rates = rollout_prompts(ctx, current, union, stream=6)
     batch = rollout.batch
-    current_lp = sequence_logprobs(rollout.model, batch, temperature)
+    chunk = ctx.cfg.algo.micro_batch_size
+    current_lp = sequence_logprobs(rollout.model, batch, temperature, chunk)
     v_hat = {}
     for d, ref in past.items():
         past_model = load_train_state(ctx.store, ref[0], ref[1], ctx.cfg.model.dtype).model
-        past_lp = sequence_logprobs(past_model, batch, temperature)
+        past_lp = sequence_logprobs(past_model, batch, temperature, chunk)
         v_hat[d] = mean_token_kl(current_lp, past_lp, batch.response_mask)
     q_hat = q_hat_from_pool(rates, slices, t, list(past))
     if not q_hat:

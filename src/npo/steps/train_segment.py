@@ -12,6 +12,7 @@ every `train.checkpoint_every` steps and at `end_step`.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from npo.algo import compute_advantages, zero_variance_fraction
 from npo.algo.npo import offpolicy_stats, old_logprobs_for_mix, pass_rates
 from npo.guidance.inject import inject_guidance
 from npo.guidance.sources import TrajectorySource
+from npo.policy import stop_token_ids
 from npo.rollout import RolloutBatch, rollout
 from npo.steps.context import RunContext
 from npo.steps.evaluate import evaluate_policy
@@ -32,10 +34,14 @@ from npo.training.seeding import batch_indices, derive_seed, seed_everything, se
 from npo.training.state import load_train_state, save_train_state
 
 
-def rollout_metrics(rewards: torch.Tensor, batch: RolloutBatch, eos_id: int) -> dict[str, float]:
-    """Reward and response statistics of one step. rewards [N, G]."""
+def rollout_metrics(
+    rewards: torch.Tensor, batch: RolloutBatch, stop_ids: Sequence[int]
+) -> dict[str, float]:
+    """Reward and response statistics of one step. rewards [N, G]; a response ended when it
+    holds any of `stop_ids` (else it was truncated at max_new_tokens)."""
     lengths = batch.response_mask.sum(dim=1).float()
-    ended = ((batch.response_ids == eos_id) & batch.response_mask.bool()).any(dim=1)
+    stops = torch.as_tensor(list(stop_ids), dtype=torch.long, device=batch.response_ids.device)
+    ended = (torch.isin(batch.response_ids, stops) & batch.response_mask.bool()).any(dim=1)
     return {
         "reward/mean": float(rewards.mean()),
         "reward/pass_at_g": float((rewards.max(dim=1).values > 0).float().mean()),
@@ -79,7 +85,7 @@ def _mix_in(
     metrics."""
     temperature = ctx.cfg.rollout.temperature
     mixed = inject_guidance(batch, rewards, source.pick(problems, rewards), pad_id)
-    current = sequence_logprobs(model, mixed.batch, temperature)
+    current = sequence_logprobs(model, mixed.batch, temperature, ctx.cfg.algo.micro_batch_size)
     # Shaped (LUFFY) rows do not use a ratio; NPO rows use the guide's log-probs if IS is on.
     importance_sampling = ctx.cfg.npo.guidance.importance_sampling and not source.shaped
     old = old_logprobs_for_mix(
@@ -161,7 +167,7 @@ def train_segment(
             [problems[i] for i in batch.prompt_index.tolist()], batch.texts
         )
         rewards = torch.tensor([v.reward for v in verdicts]).view(len(problems), ro.group_size)
-        on_policy = rollout_metrics(rewards, batch, tokenizer.eos_token_id)
+        on_policy = rollout_metrics(rewards, batch, stop_token_ids(model))
         if cfg.method == "autonpo":
             _record_mistakes(ctx, step, problems, rewards)
         t1 = time.perf_counter()
@@ -198,7 +204,9 @@ def train_segment(
         state["global_step"] += 1
         state["policy_step"] = step
         if step % cfg.train.eval_every == 0 or step == end_step:
-            metrics |= evaluate_policy(model, tokenizer, ctx.task, evals, ro.max_new_tokens)
+            metrics |= evaluate_policy(
+                model, tokenizer, ctx.task, evals, ro.max_new_tokens, ro.hf_batch_size
+            )
         record_metrics(ctx, metrics, state["global_step"], step)
         if step % cfg.train.checkpoint_every == 0 or step == end_step:
             state["phase"] = phase

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import yaml
 
-from npo.config import public_dump
+from npo.config import current_dump, public_dump
 from npo.policy import init_policy
 from npo.report import load_history
 from npo.steps.context import RunConflict, RunContext
@@ -25,7 +25,7 @@ from npo.training.state import fork_checkpoint, save_train_state
 
 def warmup(ctx: RunContext) -> dict[str, float]:
     """Run the supervised warm-up and commit it as checkpoint 0; returns its eval metrics."""
-    cfg = ctx.cfg
+    cfg, ro = ctx.cfg, ctx.cfg.rollout
     if 0 in list_checkpoints(ctx.store, ctx.run_id):
         return {}
     source = cfg.warmup.init_from
@@ -42,13 +42,16 @@ def warmup(ctx: RunContext) -> dict[str, float]:
     done = 0
     while done < cfg.warmup.steps:
         idx = batch_indices(len(train), cfg.warmup.batch_size, done, derive_seed(cfg.seed, 0, 3))
-        metrics = sft_step(model, opt, tokenizer, [train[i] for i in idx], cfg.algo.max_grad_norm)
+        problems = [train[i] for i in idx]
+        metrics = sft_step(
+            model, opt, tokenizer, problems, cfg.algo.max_grad_norm, cfg.algo.micro_batch_size
+        )
         done += 1
         reached = False
         if done % cfg.warmup.check_every == 0 or done == cfg.warmup.steps:
             if target is not None:
                 acc = evaluate_policy(
-                    model, tokenizer, ctx.task, evals, cfg.rollout.max_new_tokens
+                    model, tokenizer, ctx.task, evals, ro.max_new_tokens, ro.hf_batch_size
                 )["eval/accuracy"]
                 metrics["sft/eval_accuracy"] = acc
                 reached = acc >= target
@@ -56,7 +59,7 @@ def warmup(ctx: RunContext) -> dict[str, float]:
         ctx.progress("warm-up", cfg.warmup.steps if reached else done, cfg.warmup.steps, metrics)
         if reached:
             break
-    result = evaluate_policy(model, tokenizer, ctx.task, evals, cfg.rollout.max_new_tokens)
+    result = evaluate_policy(model, tokenizer, ctx.task, evals, ro.max_new_tokens, ro.hf_batch_size)
     result["warmup/steps"] = float(done)
     result["perf/warmup_seconds"] = time.perf_counter() - started
     state = {
@@ -89,7 +92,7 @@ def _warmup_identity(data: dict[str, Any]) -> dict[str, Any]:
 
 def warmup_mismatch(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
     """The parts of two dumped configs that make one's checkpoint 0 not the other's."""
-    a, b = _warmup_identity(theirs), _warmup_identity(ours)
+    a, b = _warmup_identity(current_dump(theirs) or theirs), _warmup_identity(ours)
     return sorted(k for k in b if a.get(k) != b[k])
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,6 +53,11 @@ def checkpoint_uri(store: ArtifactStore, run_id: str, step: int) -> str:
     return f"{store.uri.rstrip('/')}/{checkpoint_prefix(run_id, step)}"
 
 
+def _join(prefix: str, rel: str) -> str:
+    """Key of `rel` under `prefix` ('' = the store's root, e.g. a staged input's URI)."""
+    return f"{prefix}/{rel}" if prefix else rel
+
+
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=True).encode()
 
@@ -75,32 +81,47 @@ def save_checkpoint(
     (the step turns invisible), clears its files, then uploads afresh, so a retry after a
     crash never mixes files of two attempts.
     """
-    prefix = checkpoint_prefix(run_id, step)
-    local_dir = Path(local_dir)
+    header = {"run_id": run_id, "step": step}
+    return commit_folder(store, checkpoint_prefix(run_id, step), Path(local_dir), header, meta)
+
+
+def commit_folder(
+    store: ArtifactStore,
+    prefix: str,
+    local_dir: Path,
+    header: dict[str, Any],
+    meta: dict[str, Any],
+    on_file: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Upload ``local_dir`` under ``prefix``, then write its manifest (``header``, file sizes
+    and sha256, ``meta``) LAST; return the manifest. Errors name ``header``'s step or prefix.
+    ``on_file(relative path, bytes)`` is called after each upload (progress)."""
+    what = f"step {header['step']}" if "step" in header else (prefix or store.uri)
     if not local_dir.is_dir():
-        raise CheckpointError(f"step {step}: checkpoint source {local_dir} is not a directory")
+        raise CheckpointError(f"{what}: source {local_dir} is not a directory")
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
     if not files:
-        raise CheckpointError(f"step {step}: checkpoint source {local_dir} has no files")
+        raise CheckpointError(f"{what}: source {local_dir} has no files")
     rels = [p.relative_to(local_dir).as_posix() for p in files]
     if MANIFEST in rels:
-        raise CheckpointError(f"step {step}: {local_dir} contains a file named {MANIFEST}")
+        raise CheckpointError(f"{what}: {local_dir} contains a file named {MANIFEST}")
     body = json.dumps(meta)  # fail before touching the store if meta is not JSON
 
-    store.delete_prefix(f"{prefix}/{MANIFEST}")  # retract first: the step is now invisible
-    store.delete_prefix(f"{prefix}/")
+    store.delete_prefix(_join(prefix, MANIFEST))  # retract first: the folder is now invisible
+    store.delete_prefix(_join(prefix, ""))
     entries: dict[str, dict[str, Any]] = {}
     for path, rel in zip(files, rels, strict=True):
         entries[rel] = {"size": path.stat().st_size, "sha256": _file_sha256(path)}
-        store.put_file(f"{prefix}/{rel}", path)
+        store.put_file(_join(prefix, rel), path)
+        if on_file is not None:
+            on_file(rel, entries[rel]["size"])
     manifest = {
-        "run_id": run_id,
-        "step": step,
+        **header,
         "created_at": datetime.now(UTC).isoformat(),
         "files": entries,
         "meta": json.loads(body),
     }
-    store.put_bytes(f"{prefix}/{MANIFEST}", _manifest_bytes(manifest))  # the commit point
+    store.put_bytes(_join(prefix, MANIFEST), _manifest_bytes(manifest))  # the commit point
     return manifest
 
 
@@ -143,33 +164,39 @@ def read_manifest(store: ArtifactStore, run_id: str, step: int) -> dict[str, Any
 def load_checkpoint(store: ArtifactStore, run_id: str, step: int, dest: Path) -> dict[str, Any]:
     """Download a committed checkpoint into ``dest``, verify every file, return the manifest."""
     manifest = read_manifest(store, run_id, step)
-    prefix = checkpoint_prefix(run_id, step)
-    dest = Path(dest)
-    for rel, want in sorted(manifest["files"].items()):
-        rel_path = PurePosixPath(rel)
-        if rel_path.is_absolute() or ".." in rel_path.parts:  # a manifest must not escape dest
-            raise CheckpointError(f"step {step}: manifest file path {rel!r} escapes the folder")
-        local = dest.joinpath(*rel_path.parts)
-        try:
-            store.get_file(f"{prefix}/{rel}", local)
-        except ArtifactNotFound:
-            raise CheckpointError(f"step {step}: file {rel!r} is missing from the store") from None
-        _verify_file(step, rel, local, want)
+    fetch_folder_files(store, checkpoint_prefix(run_id, step), manifest, Path(dest), f"step {step}")
     return manifest
 
 
-def _verify_file(step: int, rel: str, local: Path, want: dict[str, Any]) -> None:
+def fetch_folder_files(
+    store: ArtifactStore, prefix: str, manifest: dict[str, Any], dest: Path, what: str
+) -> None:
+    """Download every file ``manifest`` lists from under ``prefix`` into ``dest`` and check
+    its size and sha256; CheckpointError (starting with ``what``) on any difference."""
+    for rel, want in sorted(manifest["files"].items()):
+        rel_path = PurePosixPath(rel)
+        if rel_path.is_absolute() or ".." in rel_path.parts:  # a manifest must not escape dest
+            raise CheckpointError(f"{what}: manifest file path {rel!r} escapes the folder")
+        local = dest.joinpath(*rel_path.parts)
+        try:
+            store.get_file(_join(prefix, rel), local)
+        except ArtifactNotFound:
+            raise CheckpointError(f"{what}: file {rel!r} is missing from the store") from None
+        _verify_file(what, rel, local, want)
+
+
+def _verify_file(what: str, rel: str, local: Path, want: dict[str, Any]) -> None:
     if not local.is_file():
-        raise CheckpointError(f"step {step}: file {rel!r} is missing")
+        raise CheckpointError(f"{what}: file {rel!r} is missing")
     size = local.stat().st_size
     if size != want["size"]:
         raise CheckpointError(
-            f"step {step}: file {rel!r} has {size} bytes, manifest says {want['size']}"
+            f"{what}: file {rel!r} has {size} bytes, manifest says {want['size']}"
         )
     digest = _file_sha256(local)
     if digest != want["sha256"]:
         raise CheckpointError(
-            f"step {step}: file {rel!r} sha256 {digest[:12]}... does not match the manifest "
+            f"{what}: file {rel!r} sha256 {digest[:12]}... does not match the manifest "
             f"({want['sha256'][:12]}...)"
         )
 
@@ -182,6 +209,9 @@ def verify_local_checkpoint(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: unreadable {MANIFEST}: {e}") from None
     for rel, want in sorted(manifest.get("files", {}).items()):
         _verify_file(
-            manifest.get("step", -1), rel, Path(folder).joinpath(*PurePosixPath(rel).parts), want
+            f"step {manifest.get('step', -1)}",
+            rel,
+            Path(folder).joinpath(*PurePosixPath(rel).parts),
+            want,
         )
     return manifest

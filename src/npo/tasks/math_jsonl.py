@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from npo.config import MathTaskConfig
+from npo.store.inputs import InputError, fetch_file
 from npo.tasks.base import Problem, TaskError, Verdict, check_batch, clip
 
 MAX_RESPONSE_CHARS = 4000  # longer responses get "too long" without being parsed
@@ -79,10 +80,16 @@ def _parse_line(line: str, where: str) -> tuple[str, str]:
 
 
 def load_problems(path: str | Path, split: str, prompt_template: str = "{prompt}") -> list[Problem]:
-    """Read one JSONL split into Problems with ids "math-<split>-000000", ... ."""
-    path = Path(path)
+    """Read one JSONL split into Problems with ids "math-<split>-000000", ... .
+
+    `path` is a local path or a store URI (fetched first); errors name it as given, with the
+    line number."""
     try:
-        data = path.read_bytes()
+        local = fetch_file(str(path))
+    except InputError as e:
+        raise TaskError(str(e)) from None
+    try:
+        data = local.read_bytes()
     except FileNotFoundError:
         raise TaskError(f"{path}: file not found") from None
     except OSError as e:

@@ -4,6 +4,12 @@ The caller samples, verifies and computes advantages; this module recomputes the
 log-probs with the pre-update policy, then runs `ppo_epochs` x `minibatches` optimizer steps.
 Where the source of a trajectory changes (NPO's guide slot), only `old_logprobs` change:
 pass them in and they are used instead of the recomputed ones.
+
+With `algo.micro_batch_size`, each minibatch's forward/backward runs in micro-batches whose
+losses are weighted by their share of the minibatch's aggregation denominator (valid tokens
+for token-mean, sequences with a token for seq-mean-token-mean): the accumulated gradient
+and the logged metrics are the whole minibatch's, and there is one optimizer step per
+minibatch either way.
 """
 
 from __future__ import annotations
@@ -11,15 +17,16 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel
 
 from npo.algo import agg_loss, entropy_from_logits, kl_penalty, policy_loss, token_logprobs
-from npo.config import AlgoConfig
+from npo.config import AlgoConfig, LossAgg
 from npo.rollout import RolloutBatch
 from npo.training.forward import response_logits
 
 
-def _forward(model: PreTrainedModel, batch: RolloutBatch) -> torch.Tensor:
+def _forward(model: PreTrainedModel, batch: RolloutBatch) -> Tensor:
     return response_logits(
         model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask
     )
@@ -27,9 +34,11 @@ def _forward(model: PreTrainedModel, batch: RolloutBatch) -> torch.Tensor:
 
 @torch.no_grad()
 def sequence_logprobs(
-    model: PreTrainedModel, batch: RolloutBatch, temperature: float, chunk: int = 256
-) -> torch.Tensor:
-    """Per-token log-probs [B, R] of the batch's responses under `model` (no grad)."""
+    model: PreTrainedModel, batch: RolloutBatch, temperature: float, chunk: int | None = None
+) -> Tensor:
+    """Per-token log-probs [B, R] of the batch's responses under `model` (no grad), `chunk`
+    rows per forward pass (algo.micro_batch_size; None = 256)."""
+    chunk = chunk or 256
     batch = batch.to(model.device)
     out = []
     for i in range(0, len(batch), chunk):
@@ -39,38 +48,127 @@ def sequence_logprobs(
     return torch.cat(out)
 
 
+def agg_denominator(mask: Tensor, agg: LossAgg | str) -> Tensor:
+    """What `agg_loss(·, mask, agg)` divides by (before its clamp to >= 1): the valid tokens
+    (token-mean) or the sequences holding one (seq-mean-token-mean). mask [B, T] -> scalar.
+
+    A micro-batch's loss times its denominator / the minibatch's adds up to the minibatch's
+    loss, since agg_loss is a sum over tokens (or sequences) divided by this count.
+
+    >>> m = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    >>> agg_denominator(m, "token-mean").item(), agg_denominator(m, "seq-mean-token-mean").item()
+    (3, 2)
+    """
+    m = mask.bool()
+    if agg == LossAgg.token_mean:
+        return m.sum()
+    if agg == LossAgg.seq_mean_token_mean:
+        return m.any(dim=-1).sum()
+    raise ValueError(f"unknown loss aggregation {agg!r}; known: {[a.value for a in LossAgg]}")
+
+
+# policy_loss's ratio statistics are token-means over the tokens of the PPO (not shaped)
+# rows whatever the loss aggregation, and ratio_max is a max: they combine differently.
+_RATIO_MEANS = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/ratio_mean")
+_RATIO_MAX = "actor/ratio_max"
+
+
+def _ratio_tokens(mask: Tensor, shaped_rows: Tensor | None) -> Tensor:
+    m = mask.bool()
+    if shaped_rows is not None:
+        m = m & ~shaped_rows.bool().unsqueeze(-1)
+    return m.sum()
+
+
 def ppo_update(
     model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     batch: RolloutBatch,
-    advantages: torch.Tensor,
+    advantages: Tensor,
     algo: AlgoConfig,
     temperature: float,
     ref_model: PreTrainedModel | None = None,
-    old_logprobs: torch.Tensor | None = None,
+    old_logprobs: Tensor | None = None,
     generator: torch.Generator | None = None,
-    shaped_rows: torch.Tensor | None = None,
+    shaped_rows: Tensor | None = None,
     shaping_gamma: float = 0.1,
 ) -> dict[str, float]:
     """Optimise the clipped objective on `batch` with per-sequence `advantages` [B].
 
     old_logprobs [B, R] defaults to the current (pre-update) policy's own log-probs, so the
     first minibatch step starts at ratio 1. shaped_rows [B] (LUFFY teacher rows) use the
-    shaped objective f(w) = w/(w + shaping_gamma). Returns metrics averaged over all updates.
+    shaped objective f(w) = w/(w + shaping_gamma). Each minibatch is forwarded in chunks of
+    `algo.micro_batch_size` rows with gradients accumulated (see the module docstring).
+    Returns metrics averaged over all updates.
     """
     was_training = model.training
     batch = batch.to(model.device)
     advantages = advantages.to(model.device)
     if shaped_rows is not None:
         shaped_rows = shaped_rows.to(model.device)
+    chunk = algo.micro_batch_size
     if old_logprobs is None:
-        old_logprobs = sequence_logprobs(model, batch, temperature)
+        old_logprobs = sequence_logprobs(model, batch, temperature, chunk)
     old_logprobs = old_logprobs.to(model.device)
     ref_logprobs = None
     if algo.kl_coef > 0:
         if ref_model is None:
             raise ValueError("algo.kl_coef > 0 needs a reference model")
-        ref_logprobs = sequence_logprobs(ref_model, batch, temperature).to(model.device)
+        ref_logprobs = sequence_logprobs(ref_model, batch, temperature, chunk).to(model.device)
+
+    def loss_of(idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The objective of rows `idx` alone, aggregated over them, and its metrics."""
+        mb = batch.select(idx)
+        mask = mb.response_mask.float()
+        logits = _forward(model, mb).float() / temperature
+        logp = token_logprobs(logits, mb.response_ids)
+        loss, metrics = policy_loss(
+            logp,
+            old_logprobs[idx],
+            advantages[idx],
+            mask,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            agg=algo.loss_agg,
+            shaped_rows=None if shaped_rows is None else shaped_rows[idx],
+            shaping_gamma=shaping_gamma,
+        )
+        entropy = agg_loss(entropy_from_logits(logits), mask, algo.loss_agg)
+        if algo.entropy_coef > 0:
+            loss = loss - algo.entropy_coef * entropy
+        if ref_logprobs is not None:
+            kl = agg_loss(
+                kl_penalty(logp, ref_logprobs[idx], algo.kl_estimator), mask, algo.loss_agg
+            )
+            loss = loss + algo.kl_coef * kl
+            metrics["actor/kl_ref"] = kl.item()
+        metrics["actor/entropy"] = entropy.item()
+        metrics["actor/loss"] = loss.item()
+        return loss, metrics
+
+    def backward_minibatch(idx: Tensor) -> dict[str, float]:
+        """Accumulate the gradient of rows `idx`' loss, micro-batch by micro-batch; returns
+        the minibatch's metrics, each combined as the whole minibatch computes it."""
+
+        def shaped(rows: Tensor) -> Tensor | None:
+            return None if shaped_rows is None else shaped_rows[rows]
+
+        mask = batch.response_mask
+        # clamp_min(1): an empty minibatch's loss is 0, and so is each of its parts' weight
+        loss_total = agg_denominator(mask[idx], algo.loss_agg).clamp_min(1).item()
+        ratio_total = _ratio_tokens(mask[idx], shaped(idx)).clamp_min(1).item()
+        out: dict[str, float] = defaultdict(float)
+        for part in torch.split(idx, chunk or len(idx)):
+            loss, metrics = loss_of(part)
+            w_loss = agg_denominator(mask[part], algo.loss_agg).item() / loss_total
+            w_ratio = _ratio_tokens(mask[part], shaped(part)).item() / ratio_total
+            (loss * w_loss).backward()
+            for k, v in metrics.items():
+                if k == _RATIO_MAX:
+                    out[k] = max(out[k], v)  # ratios are > 0; 0 = no PPO token (as policy_loss)
+                else:
+                    out[k] += v * (w_ratio if k in _RATIO_MEANS else w_loss)
+        return out
 
     model.train()
     sums: dict[str, float] = defaultdict(float)
@@ -79,38 +177,11 @@ def ppo_update(
     for _ in range(algo.ppo_epochs):
         order = torch.randperm(len(batch), generator=generator).to(model.device)
         for start in range(0, len(batch), size):
-            idx = order[start : start + size]
-            mb = batch.select(idx)
-            mask = mb.response_mask.float()
-            logits = _forward(model, mb).float() / temperature
-            logp = token_logprobs(logits, mb.response_ids)
-            loss, metrics = policy_loss(
-                logp,
-                old_logprobs[idx],
-                advantages[idx],
-                mask,
-                clip_low=algo.clip_low,
-                clip_high=algo.clip_high,
-                agg=algo.loss_agg,
-                shaped_rows=None if shaped_rows is None else shaped_rows[idx],
-                shaping_gamma=shaping_gamma,
-            )
-            entropy = agg_loss(entropy_from_logits(logits), mask, algo.loss_agg)
-            if algo.entropy_coef > 0:
-                loss = loss - algo.entropy_coef * entropy
-            if ref_logprobs is not None:
-                kl = agg_loss(
-                    kl_penalty(logp, ref_logprobs[idx], algo.kl_estimator), mask, algo.loss_agg
-                )
-                loss = loss + algo.kl_coef * kl
-                metrics["actor/kl_ref"] = kl.item()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            metrics = backward_minibatch(order[start : start + size])
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), algo.max_grad_norm)
             optimizer.step()
-            metrics["actor/entropy"] = entropy.item()
             metrics["actor/grad_norm"] = grad_norm.item()
-            metrics["actor/loss"] = loss.item()
             for k, v in metrics.items():
                 sums[k] += v
             updates += 1

@@ -2,7 +2,8 @@
 
 RLVR needs a policy at the edge of competence: at 0% every group is all-wrong and GRPO gets
 no signal, at 90% there is little left to learn. A short supervised phase on gold targets
-puts the tiny toy model in between before RL starts.
+puts the tiny toy model in between before RL starts. Forward passes run in the run's compute
+dtype (npo.training.forward); `algo.micro_batch_size` bounds the rows per forward.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def encode_targets(
     enc = tokenizer(
         [p.prompt for p in problems], return_tensors="pt", padding=True, padding_side="left"
     )
+    # Any stop id ends a response; the tokenizer's EOS (the first stop id) is the one every
+    # policy has, so a gold target does not depend on the run's model.stop_tokens.
     targets = [
         tokenizer(p.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         for p in problems
@@ -48,18 +51,29 @@ def sft_step(
     tokenizer: PreTrainedTokenizerBase,
     problems: list[Problem],
     max_grad_norm: float = 1.0,
+    micro_batch_size: int | None = None,
 ) -> dict[str, float]:
-    """One cross-entropy step on the gold responses of `problems`; returns metrics."""
+    """One cross-entropy step on the gold responses of `problems`; returns metrics.
+
+    The token-mean loss is accumulated over chunks of `micro_batch_size` problems (None = all
+    at once), each chunk's token sum divided by the whole batch's token count: the gradient
+    is the whole batch's.
+    """
     batch = {k: v.to(model.device) for k, v in encode_targets(tokenizer, problems).items()}
     model.train()
-    logits = response_logits(model, **batch)
-    mask = batch["response_mask"].float()
-    nll = torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), batch["response_ids"], reduction="none"
-    )
-    loss = (nll * mask).sum() / mask.sum()
+    tokens = batch["response_mask"].float().sum()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for rows in torch.arange(len(problems)).split(micro_batch_size or len(problems)):
+        part = {k: v[rows.to(v.device)] for k, v in batch.items()}
+        logits = response_logits(model, **part)
+        mask = part["response_mask"].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), part["response_ids"], reduction="none"
+        )
+        loss = (nll * mask).sum() / tokens
+        loss.backward()
+        total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
-    return {"sft/loss": loss.item(), "sft/grad_norm": grad_norm.item()}
+    return {"sft/loss": total, "sft/grad_norm": grad_norm.item()}
