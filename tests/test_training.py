@@ -37,12 +37,9 @@ def test_derive_seed_is_stable_and_separates_streams() -> None:
     assert all(0 <= s < 2**63 for s in seeds)
 
 
-def test_rollout_metrics_hand_values() -> None:
-    eos = 2
-    # 2 prompts x 2 samples; row 3 never emits EOS (truncated at R=3).
-    ids = torch.tensor([[5, 2, 0], [5, 6, 2], [5, 2, 0], [5, 6, 7]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]])
-    batch = RolloutBatch(
+def _two_groups_of_two(ids: torch.Tensor, mask: torch.Tensor) -> RolloutBatch:
+    """2 prompts x 2 samples with these responses [4, 3]."""
+    return RolloutBatch(
         prompt_ids=torch.ones(4, 2, dtype=torch.long),
         prompt_mask=torch.ones(4, 2, dtype=torch.long),
         response_ids=ids,
@@ -51,6 +48,14 @@ def test_rollout_metrics_hand_values() -> None:
         texts=["a", "b", "c", "d"],
         prompt_index=torch.tensor([0, 0, 1, 1]),
     )
+
+
+def test_rollout_metrics_hand_values() -> None:
+    eos = 2
+    # 2 prompts x 2 samples; row 3 never emits EOS (truncated at R=3).
+    ids = torch.tensor([[5, 2, 0], [5, 6, 2], [5, 2, 0], [5, 6, 7]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    batch = _two_groups_of_two(ids, mask)
     rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
     m = rollout_metrics(rewards, batch, [eos])
     assert m["reward/mean"] == 0.75
@@ -66,15 +71,7 @@ def test_rollout_metrics_count_any_stop_id_as_an_end() -> None:
     # row 3's 7 lies outside its mask, so it does not count.
     ids = torch.tensor([[5, 7, 0], [5, 6, 2], [5, 6, 8], [5, 6, 7]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]])
-    batch = RolloutBatch(
-        prompt_ids=torch.ones(4, 2, dtype=torch.long),
-        prompt_mask=torch.ones(4, 2, dtype=torch.long),
-        response_ids=ids,
-        response_mask=mask,
-        logprobs=torch.zeros(4, 3),
-        texts=["a", "b", "c", "d"],
-        prompt_index=torch.tensor([0, 0, 1, 1]),
-    )
+    batch = _two_groups_of_two(ids, mask)
     rewards = torch.zeros(2, 2)
     assert rollout_metrics(rewards, batch, [2, 7])["response/truncated_frac"] == 0.5
     assert rollout_metrics(rewards, batch, [2])["response/truncated_frac"] == 0.75
