@@ -185,6 +185,34 @@ def test_one_micro_batch_is_bit_identical_to_none(scored_batch):
     assert big == whole
 
 
+def test_each_micro_batch_is_forwarded_at_its_own_width(scored_batch, monkeypatch):
+    """Trailing padding no row of a micro-batch uses is not computed (batch.trimmed)."""
+    widths: list[int] = []
+    forward = rl_step._forward
+
+    def recording(model, batch):
+        if model is not ref:  # the reference model's log-probs are recorded apart
+            widths.append(batch.response_ids.shape[1])
+        return forward(model, batch)
+
+    ref = scored_batch[1]
+    monkeypatch.setattr(rl_step, "_forward", recording)
+    _update(scored_batch, 1, LossAgg.token_mean, False)
+    lengths = scored_batch[2].response_mask.sum(dim=1)
+    full = scored_batch[2].response_ids.shape[1]
+    updates = widths
+    assert len(updates) == 2 * len(lengths)  # 2 epochs, one row per micro-batch
+    assert sorted(set(updates)) == sorted({max(int(n), 1) for n in lengths})
+    assert min(updates) < full
+
+
+def test_batch_trimming_doctest() -> None:
+    from npo.rollout import batch as batch_module
+
+    assert doctest.testmod(batch_module).attempted > 0
+    assert doctest.testmod(batch_module).failed == 0
+
+
 def test_sequence_logprobs_in_chunks(tiny_policy):
     model, tok = tiny_policy
     torch.manual_seed(0)

@@ -47,6 +47,33 @@ class RolloutBatch:
             prompt_index=self.prompt_index.to(device),
         )
 
+    def trimmed(self) -> RolloutBatch:
+        """The same rows without the columns no row uses: leading prompt padding and
+        trailing response padding (at least one response column stays). A micro-batch of
+        short responses then costs what its own tokens cost, not the longest response's of
+        the whole batch; the kept tokens' logits do not change (causal attention, positions
+        from the mask).
+
+        >>> b = RolloutBatch(torch.tensor([[0, 0, 5], [0, 6, 7]]), torch.tensor([[0, 0, 1],
+        ...     [0, 1, 1]]), torch.tensor([[8, 0, 0], [8, 9, 0]]), torch.tensor([[1, 0, 0],
+        ...     [1, 1, 0]]), torch.zeros(2, 3), ["a", "b"], torch.tensor([0, 0]))
+        >>> t = b.trimmed(); t.prompt_ids.tolist(), t.response_ids.tolist()
+        ([[0, 5], [6, 7]], [[8, 0], [8, 9]])
+        """
+        used = self.prompt_mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else self.prompt_mask.shape[1]
+        used = self.response_mask.any(dim=0).nonzero()
+        width = max(int(used[-1]) + 1 if len(used) else 0, 1)
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids[:, first:],
+            prompt_mask=self.prompt_mask[:, first:],
+            response_ids=self.response_ids[:, :width],
+            response_mask=self.response_mask[:, :width],
+            logprobs=self.logprobs[:, :width],
+            texts=self.texts,
+            prompt_index=self.prompt_index,
+        )
+
     def select(self, idx: torch.Tensor) -> RolloutBatch:
         """Rows `idx` [K] of the batch (for minibatching)."""
         rows = idx.tolist()

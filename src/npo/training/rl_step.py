@@ -41,10 +41,12 @@ def sequence_logprobs(
     chunk = chunk or 256
     batch = batch.to(model.device)
     out = []
+    width = batch.response_ids.shape[1]
     for i in range(0, len(batch), chunk):
-        part = batch.select(torch.arange(i, min(i + chunk, len(batch))))
+        part = batch.select(torch.arange(i, min(i + chunk, len(batch)))).trimmed()
         logp = token_logprobs(_forward(model, part), part.response_ids, temperature)
-        out.append(logp * part.response_mask)
+        logp = logp * part.response_mask
+        out.append(torch.nn.functional.pad(logp, (0, width - logp.shape[1])))
     return torch.cat(out)
 
 
@@ -118,13 +120,14 @@ def ppo_update(
 
     def loss_of(idx: Tensor) -> tuple[Tensor, dict[str, float]]:
         """The objective of rows `idx` alone, aggregated over them, and its metrics."""
-        mb = batch.select(idx)
+        mb = batch.select(idx).trimmed()
+        width = mb.response_ids.shape[1]  # the padding no row of `idx` uses is not computed
         mask = mb.response_mask.float()
         logits = _forward(model, mb).float() / temperature
         logp = token_logprobs(logits, mb.response_ids)
         loss, metrics = policy_loss(
             logp,
-            old_logprobs[idx],
+            old_logprobs[idx, :width],
             advantages[idx],
             mask,
             clip_low=algo.clip_low,
@@ -138,7 +141,7 @@ def ppo_update(
             loss = loss - algo.entropy_coef * entropy
         if ref_logprobs is not None:
             kl = agg_loss(
-                kl_penalty(logp, ref_logprobs[idx], algo.kl_estimator), mask, algo.loss_agg
+                kl_penalty(logp, ref_logprobs[idx, :width], algo.kl_estimator), mask, algo.loss_agg
             )
             loss = loss + algo.kl_coef * kl
             metrics["actor/kl_ref"] = kl.item()
