@@ -209,6 +209,28 @@ def test_engine_samples_in_the_compute_dtype_from_float32_weights(fake_vllm) -> 
     assert model.dtype == torch.float32  # the trained copy keeps its master weights
 
 
+def test_greedy_eval_runs_on_vllm_when_asked_and_matches_hf(fake_vllm) -> None:
+    from npo.steps.evaluate import eval_settings, evaluate_policy
+    from npo.tasks import make_task
+
+    base = ["rollout.backend=vllm", "rollout.max_new_tokens=5", "task.n_eval=16"]
+    assert eval_settings(load_config(None, base))["vllm"] is None  # default: HF
+    hf_on_vllm_run = load_config(None, ["train.eval_backend=rollout", "rollout.max_new_tokens=5"])
+    assert eval_settings(hf_on_vllm_run)["vllm"] is None  # rollouts on HF: eval stays there
+    cfg = load_config(None, [*base, "train.eval_backend=rollout"])
+    settings = eval_settings(cfg)
+    assert settings["vllm"] is cfg.rollout and settings["max_new_tokens"] == 5
+    model, tok = init_policy(cfg.model, "0123456789+=", seed=0)
+    task = make_task(cfg.task)
+    problems = task.eval_problems()
+    on_vllm = evaluate_policy(model, tok, task, problems, **settings)
+    engine = FakeLLM.instances[0]
+    assert (engine.params.temperature, engine.params.n) == (0.0, 1)  # greedy, once each
+    on_hf = evaluate_policy(model, tok, task, problems, **eval_settings(load_config(None, base)))
+    assert len(FakeLLM.instances) == 1  # the HF eval did not touch the engine
+    assert on_vllm == on_hf  # the fake engine decodes with HF: the same greedy answers
+
+
 def test_vllm_backend_without_vllm_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     if vb.importlib_available():
         pytest.skip("vllm is installed here")

@@ -232,7 +232,7 @@ def eval_(
     _quiet_libraries()
     from npo.policy import load_policy
     from npo.stages import use_compute
-    from npo.steps.evaluate import evaluate_policy
+    from npo.steps.evaluate import eval_settings, evaluate_policy
     from npo.tasks import TaskError, make_task
 
     try:
@@ -242,14 +242,7 @@ def eval_(
         _fail(e)
     model, tokenizer = load_policy(policy_dir, cfg.model.dtype)
     problems = task.eval_problems()[:limit]
-    result = evaluate_policy(
-        model,
-        tokenizer,
-        task,
-        problems,
-        cfg.rollout.max_new_tokens,
-        batch_size=cfg.rollout.hf_batch_size,
-    )
+    result = evaluate_policy(model, tokenizer, task, problems, **eval_settings(cfg))
     console.print(_summary_table({"checkpoint": str(checkpoint), **result}))
 
 

@@ -261,6 +261,12 @@ class TrainConfig(_Strict):
         None, ge=1, description="Eval on the first N eval prompts (None = all)."
     )
     threads: int = Field(2, ge=1, description="torch intra-op threads.")
+    eval_backend: Literal["hf", "rollout"] = Field(
+        "hf",
+        description="Greedy evaluation on HF (the same numbers whatever rollout.backend), or "
+        "on rollout.backend: with vllm much faster at long responses, though its kernels may "
+        "break a near-tie between two tokens differently from HF.",
+    )
 
 
 # --------------------------------------------------------------------------- NPO

@@ -38,7 +38,7 @@ from npo.report import load_history, write_report
 from npo.report_html import curves_html
 from npo.steps.context import ProgressFn, RunConflict, RunContext, open_run
 from npo.steps.detect_plateau import detect_plateau
-from npo.steps.evaluate import evaluate_policy
+from npo.steps.evaluate import eval_settings, evaluate_policy
 from npo.steps.generate_guidance import generate_guidance
 from npo.steps.rollback import (
     Lineage,
@@ -389,12 +389,7 @@ def evaluate(ctx: RunContext, run_id: str, step: int) -> Result:
     cfg = ctx.cfg
     loaded = load_train_state(ctx.store, run_id, step, cfg.model.dtype)
     metrics = evaluate_policy(
-        loaded.model,
-        loaded.tokenizer,
-        ctx.task,
-        ctx.task.eval_problems(),
-        cfg.rollout.max_new_tokens,
-        cfg.rollout.hf_batch_size,
+        loaded.model, loaded.tokenizer, ctx.task, ctx.task.eval_problems(), **eval_settings(cfg)
     )
     final = {f"final/{k.split('/', 1)[-1]}": v for k, v in metrics.items()}
     ctx.tracker.log_metrics(final, step=int(loaded.state["global_step"]))

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from npo.config import ExperimentConfig, RolloutConfig
 from npo.rollout import sample
 from npo.tasks import Problem, Task
+
+
+def eval_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """evaluate_policy's keyword arguments for a run: response length, HF chunk size, and
+    the vLLM settings when train.eval_backend is 'rollout' and the rollouts run on vLLM."""
+    ro = cfg.rollout
+    on_vllm = cfg.train.eval_backend == "rollout" and ro.backend == "vllm"
+    return {
+        "max_new_tokens": ro.max_new_tokens,
+        "batch_size": ro.hf_batch_size,
+        "vllm": ro if on_vllm else None,
+    }
 
 
 def evaluate_policy(
@@ -17,20 +31,37 @@ def evaluate_policy(
     problems: list[Problem],
     max_new_tokens: int,
     batch_size: int | None = None,
+    vllm: RolloutConfig | None = None,
 ) -> dict[str, float]:
     """Greedy decode each problem once and verify: {"eval/accuracy", "eval/n", ...}.
 
-    batch_size: problems per generate call (rollout.hf_batch_size; None = 512).
+    batch_size: problems per HF generate call (rollout.hf_batch_size; None = 512).
+    vllm: decode on the vLLM engine with these settings instead of HF.
     """
-    batch = sample(
-        model,
-        tokenizer,
-        [p.prompt for p in problems],
-        n=1,
-        temperature=0.0,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size or 512,
-    )
+    prompts = [p.prompt for p in problems]
+    if vllm is not None:
+        from npo.rollout import vllm as vllm_backend
+
+        batch = vllm_backend.sample(
+            model,
+            tokenizer,
+            prompts,
+            n=1,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            gpu_memory_utilization=vllm.vllm_gpu_memory_utilization,
+            max_model_len=vllm.vllm_max_model_len,
+        )
+    else:
+        batch = sample(
+            model,
+            tokenizer,
+            prompts,
+            n=1,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size or 512,
+        )
     verdicts = task.verify_batch(problems, batch.texts)
     correct = sum(v.reward for v in verdicts)
     lengths = batch.response_mask.sum(dim=1).float()

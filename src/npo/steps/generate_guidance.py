@@ -27,7 +27,7 @@ from npo.guidance.cache import (
 )
 from npo.rollout import RolloutBatch
 from npo.steps.context import RunContext
-from npo.steps.evaluate import evaluate_policy
+from npo.steps.evaluate import eval_settings, evaluate_policy
 from npo.steps.pool_rollout import sample_checkpoint
 from npo.tasks import Problem
 
@@ -44,7 +44,7 @@ def generate_guidance(
 ) -> GuidanceCache:
     """Build (or load) the guidance cache `cache_id` for `problems`."""
     cfg = ctx.cfg
-    tries, ro = cfg.npo.guidance.tries, cfg.rollout
+    tries = cfg.npo.guidance.tries
     key = payload_key(ctx.run_id, cache_id)
     if ctx.store.exists(key):  # a re-run: the payload is committed; (re-)index it
         cache = load_cache(ctx.store, ctx.run_id, cache_id)
@@ -55,9 +55,7 @@ def generate_guidance(
 
     def rollout(ref: CheckpointRef) -> tuple[RolloutBatch, list[int | None], float]:
         out = sample_checkpoint(ctx, ref, problems, tries, policy_step, stream=4)
-        acc = evaluate_policy(
-            out.model, out.tokenizer, ctx.task, evals, ro.max_new_tokens, ro.hf_batch_size
-        )
+        acc = evaluate_policy(out.model, out.tokenizer, ctx.task, evals, **eval_settings(cfg))
         return out.batch, first_correct_rows(out.rewards), acc["eval/accuracy"]
 
     guide_batch, guide_first, guide_acc = rollout(guide)

@@ -25,7 +25,7 @@ from npo.guidance.sources import TrajectorySource
 from npo.policy import stop_token_ids
 from npo.rollout import RolloutBatch, rollout
 from npo.steps.context import RunContext
-from npo.steps.evaluate import evaluate_policy
+from npo.steps.evaluate import eval_settings, evaluate_policy
 from npo.store.checkpoint import list_checkpoints
 from npo.tasks import Problem
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
@@ -204,9 +204,7 @@ def train_segment(
         state["global_step"] += 1
         state["policy_step"] = step
         if step % cfg.train.eval_every == 0 or step == end_step:
-            metrics |= evaluate_policy(
-                model, tokenizer, ctx.task, evals, ro.max_new_tokens, ro.hf_batch_size
-            )
+            metrics |= evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(cfg))
         record_metrics(ctx, metrics, state["global_step"], step)
         if step % cfg.train.checkpoint_every == 0 or step == end_step:
             state["phase"] = phase

@@ -15,7 +15,7 @@ from npo.config import current_dump, public_dump
 from npo.policy import init_policy
 from npo.report import load_history
 from npo.steps.context import RunConflict, RunContext
-from npo.steps.evaluate import evaluate_policy
+from npo.steps.evaluate import eval_settings, evaluate_policy
 from npo.store.checkpoint import list_checkpoints, read_manifest
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
 from npo.training.seeding import batch_indices, derive_seed, seed_everything
@@ -25,7 +25,7 @@ from npo.training.state import fork_checkpoint, save_train_state
 
 def warmup(ctx: RunContext) -> dict[str, float]:
     """Run the supervised warm-up and commit it as checkpoint 0; returns its eval metrics."""
-    cfg, ro = ctx.cfg, ctx.cfg.rollout
+    cfg = ctx.cfg
     if 0 in list_checkpoints(ctx.store, ctx.run_id):
         return {}
     source = cfg.warmup.init_from
@@ -50,16 +50,16 @@ def warmup(ctx: RunContext) -> dict[str, float]:
         reached = False
         if done % cfg.warmup.check_every == 0 or done == cfg.warmup.steps:
             if target is not None:
-                acc = evaluate_policy(
-                    model, tokenizer, ctx.task, evals, ro.max_new_tokens, ro.hf_batch_size
-                )["eval/accuracy"]
+                acc = evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(cfg))[
+                    "eval/accuracy"
+                ]
                 metrics["sft/eval_accuracy"] = acc
                 reached = acc >= target
             ctx.tracker.log_metrics(metrics, step=done)
         ctx.progress("warm-up", cfg.warmup.steps if reached else done, cfg.warmup.steps, metrics)
         if reached:
             break
-    result = evaluate_policy(model, tokenizer, ctx.task, evals, ro.max_new_tokens, ro.hf_batch_size)
+    result = evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(cfg))
     result["warmup/steps"] = float(done)
     result["perf/warmup_seconds"] = time.perf_counter() - started
     state = {
