@@ -88,6 +88,29 @@ def test_a_corrupted_object_is_refused_and_leaves_no_cache_entry(tmp_path, model
     assert [p.name for p in cache.iterdir()] == []  # the half-made entry is gone
 
 
+def test_a_fetch_that_loses_the_race_to_another_uses_its_copy(
+    tmp_path, model_dir, cache, monkeypatch
+):
+    import os
+
+    uri = (tmp_path / "store").as_uri() + "/m"
+    stage(model_dir, uri)
+
+    real_replace = os.replace
+
+    def racing(src, dst):  # the other process's fetch lands first, then ours fails
+        if not Path(src).name.startswith(".m-"):  # a file's atomic write, not the folder's
+            return real_replace(src, dst)
+        monkeypatch.setattr(os, "replace", real_replace)
+        fetch_folder(uri)
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(os, "replace", racing)
+    local = fetch_folder(uri)
+    assert files_of(local) == files_of(model_dir)
+    assert [p.name for p in cache.iterdir()] == [local.name]  # our temp copy is gone
+
+
 def test_a_folder_copied_in_without_a_manifest_is_fetched_whole(tmp_path, model_dir):
     store = LocalStore(tmp_path / "store")
     for rel, data in files_of(model_dir).items():

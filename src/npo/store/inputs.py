@@ -130,7 +130,12 @@ def _download(store: ArtifactStore, ref: str, manifest: dict[str, Any], entry: P
             fetch_folder_files(store, "", manifest, work, ref)
             (work / MANIFEST).write_text(json.dumps(manifest))
         shutil.rmtree(entry, ignore_errors=True)
-        os.replace(work, entry)  # the entry appears whole or not at all
+        try:
+            os.replace(work, entry)  # the entry appears whole or not at all
+        except OSError:
+            # another process put the same folder there meanwhile: use its copy if complete
+            if not _cached(entry, manifest):
+                raise
     except CheckpointError as e:
         raise InputError(str(e)) from None
     except ArtifactNotFound as e:
