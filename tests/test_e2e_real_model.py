@@ -61,7 +61,10 @@ def staged(tmp_path, s3_env, s3_bucket, monkeypatch) -> dict[str, str]:
     return uris
 
 
-def test_staged_model_and_datasets_run_end_to_end(tmp_path, staged, s3_bucket):
+# pipeline: the Kubeflow pipeline through kfp.local, each stage in a child process, as a
+# cluster's pods run it (the environment, S3 keys and NPO_CACHE_DIR, reaches them)
+@pytest.mark.parametrize("engine", ["direct", "pipeline"])
+def test_staged_model_and_datasets_run_end_to_end(tmp_path, staged, s3_bucket, engine):
     config = {
         "name": "real",
         "method": "autonpo",
@@ -86,7 +89,7 @@ def test_staged_model_and_datasets_run_end_to_end(tmp_path, staged, s3_bucket):
     }
     path = tmp_path / "real.yaml"
     path.write_text(yaml.safe_dump(config))
-    summary = run_experiment(load_config(path))
+    summary = run_experiment(load_config(path), engine=engine)
 
     assert summary["warm-up accuracy"] >= 0.75 and "warning" not in summary
     store = open_store(f"s3://{s3_bucket}/npo")
