@@ -36,11 +36,20 @@ def write_tiny_config(path: Path, root: Path, name: str, steps: int, **extra: ob
 CHAT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def write_tiny_hf_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
+# Qwen's chat template, reduced to what CHAT_TEMPLATE renders.
+QWEN_JINJA = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_hf_model(
+    folder: Path, texts: list[str], seed: int = 0, chat_template: str | None = None
+) -> Path:
     """A real-model-shaped folder: a randomly initialised Qwen2 causal LM (~0.1M parameters)
     and a byte-level BPE tokenizer trained on `texts`, with Qwen's special tokens
-    (EOS <|endoftext|>, turn end <|im_end|>). Written with save_pretrained, as a hub
-    checkpoint is; returns `folder`."""
+    (EOS <|endoftext|>, turn end <|im_end|>) and, if given, a chat template. Written with
+    save_pretrained, as a hub checkpoint is; returns `folder`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -58,6 +67,7 @@ def write_tiny_hf_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
+    tokenizer.chat_template = chat_template
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=32,

@@ -279,6 +279,30 @@ def compile_(
         console.print(f"{path} -> {target}", markup=False, highlight=False)
 
 
+@app.command("prompt-template")
+def prompt_template(
+    model: Annotated[str, typer.Argument(help="A model folder, or a store URI of one.")],
+    system: Annotated[
+        str | None, typer.Option(help="A system message before the user's turn.")
+    ] = None,
+) -> None:
+    """Print the model's chat format as a task.prompt_template, to paste into a config."""
+    from transformers import AutoTokenizer
+
+    from npo.policy.chat import chat_prompt_template
+    from npo.store.inputs import InputError, fetch_folder
+
+    try:
+        folder = fetch_folder(model)
+        if not (folder / "tokenizer_config.json").is_file():
+            _fail(f"{model}: no tokenizer_config.json, not a model folder")
+        text = chat_prompt_template(AutoTokenizer.from_pretrained(folder), system)
+    except (InputError, ValueError, *_unreachable()) as e:
+        _fail(e)
+    # YAML, so that newlines and quotes survive the paste; plain echo: no rich wrapping.
+    typer.echo(yaml.safe_dump({"task": {"prompt_template": text}}, width=1 << 16), nl=False)
+
+
 @app.command()
 def stage(
     source: Annotated[Path, typer.Argument(help="A model folder or a dataset file.")],
