@@ -38,6 +38,7 @@ def evaluate_policy(
     batch_size: problems per HF generate call (rollout.hf_batch_size; None = 512).
     vllm: decode on the vLLM engine with these settings instead of HF.
     """
+    greedy = {"n": 1, "temperature": 0.0, "max_new_tokens": max_new_tokens}
     prompts = [p.prompt for p in problems]
     if vllm is not None:
         from npo.rollout import vllm as vllm_backend
@@ -46,22 +47,12 @@ def evaluate_policy(
             model,
             tokenizer,
             prompts,
-            n=1,
-            temperature=0.0,
-            max_new_tokens=max_new_tokens,
+            **greedy,
             gpu_memory_utilization=vllm.vllm_gpu_memory_utilization,
             max_model_len=vllm.vllm_max_model_len,
         )
     else:
-        batch = sample(
-            model,
-            tokenizer,
-            prompts,
-            n=1,
-            temperature=0.0,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size or 512,
-        )
+        batch = sample(model, tokenizer, prompts, **greedy, batch_size=batch_size or 512)
     verdicts = task.verify_batch(problems, batch.texts)
     correct = sum(v.reward for v in verdicts)
     lengths = batch.response_mask.sum(dim=1).float()
