@@ -45,7 +45,7 @@ def sample(
 ) -> RolloutBatch:
     """Sample `n` responses for each prompt (grouped: rows i*n .. i*n+n-1 answer prompt i).
 
-    temperature == 0 means greedy decoding (logprobs are then those of temperature 1).
+    temperature == 0 means greedy decoding (evaluation): its logprobs are not recorded (0).
     batch_size bounds how many sequences go through `generate` at once (None = all).
     """
     if not prompts:
@@ -85,18 +85,17 @@ def _generate(
             top_p=None,
             max_new_tokens=max_new_tokens,
             return_dict_in_generate=True,
-            output_logits=True,
+            output_logits=not greedy,  # R x [B, V]: a real model's vocabulary makes it large
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stops,
         )
     prompt_len = enc["input_ids"].shape[1]
     response_ids = out.sequences[:, prompt_len:]
     mask = response_mask_from_ids(response_ids, stops)
-    # Raw logits per step -> tempered log-probs of the tokens actually drawn.
-    logits = torch.stack(out.logits, dim=1).float()  # [B, R, V]
-    scale = 1.0 if greedy else temperature
-    logp = torch.log_softmax(logits / scale, dim=-1)
-    logp = logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * mask
+    if greedy:  # evaluation: no behaviour log-probs needed
+        logp = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
+    else:
+        logp = _drawn_logprobs(out.logits, response_ids, temperature) * mask
     response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(
         [ids[m.bool()].tolist() for ids, m in zip(response_ids, mask, strict=True)],
@@ -110,6 +109,22 @@ def _generate(
         logprobs=logp.cpu(),
         texts=texts,
         prompt_index=torch.zeros(len(prompts), dtype=torch.long),
+    )
+
+
+def _drawn_logprobs(
+    logits: tuple[torch.Tensor, ...], drawn: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Tempered log-probs [B, R] of the drawn tokens [B, R] from the raw logits of each
+    step (R x [B, V]); one step at a time, so no float32 [B, R, V] copy is ever made."""
+    return torch.stack(
+        [
+            torch.log_softmax(step.float() / temperature, dim=-1)
+            .gather(-1, drawn[:, t : t + 1])
+            .squeeze(-1)
+            for t, step in enumerate(logits)
+        ],
+        dim=1,
     )
 
 
