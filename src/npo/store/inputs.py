@@ -93,6 +93,7 @@ def fetch_folder(ref: str) -> Path:
     """Local folder of `ref`: the path itself, or the URI's files fetched into the cache."""
     if not is_uri(ref):
         return Path(ref)
+    entry = _entry(ref, _split(ref)[1])
     store = _open(ref)
     try:
         manifest = json.loads(store.get_bytes(MANIFEST))
@@ -100,7 +101,6 @@ def fetch_folder(ref: str) -> Path:
         manifest = None
     except json.JSONDecodeError as e:
         raise InputError(f"{ref}: unreadable {MANIFEST}: {e}") from None
-    entry = _entry(ref, _split(ref)[1])
     if manifest is not None and _cached(entry, manifest):
         return entry
     if manifest is None:
