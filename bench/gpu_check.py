@@ -14,8 +14,12 @@ the same on CPU, whose autocast has bfloat16 too.
    temperature 1) in generated tokens/s, and our PPO update (forward + backward + AdamW on
    prompt+response batches, in micro-batches of --micro-batch sequences) in tokens/s, each
    the median of --repeats timed calls after a warm-up call.
+3. real_step_memory: peak GPU memory and time of one training step shaped like
+   configs/math_autonpo.yaml's (a Qwen2.5-Math-1.5B-shaped model in float32 + AdamW, bf16
+   autocast, the config's micro-batch size, full-length responses): checks the memory
+   estimate in that config's comment.
 
-    python bench/gpu_check.py                   # on the GPU machine, ~3 minutes
+    python bench/gpu_check.py                   # on the GPU machine, ~4 minutes
     python bench/gpu_check.py --smoke           # seconds on CPU: checks the script runs
 
 The `device` tool's machine has torch and transformers but not pydantic, SQLAlchemy or
@@ -53,6 +57,16 @@ from npo.config import load_config
 hf_logging.disable_progress_bar()
 
 QWEN2_05B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "intermediate_size": 4864}
+# Qwen2.5-Math-1.5B's architecture (configs/math_autonpo.yaml's model), as Qwen2Config fields.
+QWEN25_MATH_15B = {
+    "hidden_size": 1536,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "intermediate_size": 8960,
+    "vocab_size": 151_936,
+    "tie_word_embeddings": True,
+}
 
 
 def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
@@ -191,6 +205,67 @@ def throughput(args: argparse.Namespace, device: str) -> dict[str, Any]:
     return out
 
 
+def real_step_memory(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Peak GPU memory of one training step shaped like configs/math_autonpo.yaml's: a
+    Qwen2.5-Math-1.5B-shaped model (random weights) in float32 with AdamW, bfloat16
+    autocast, its micro-batch size, every response at the config's full length (the worst
+    case). The config's memory estimate (its comment) is checked against this."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from npo.policy.model import use_compute_dtype
+    from npo.rollout.batch import RolloutBatch
+    from npo.training.rl_step import ppo_update
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "math_autonpo.yaml")
+    micro, response_len = cfg.algo.micro_batch_size, cfg.rollout.max_new_tokens
+    shape = QWEN25_MATH_15B
+    if args.smoke:
+        shape = {**shape, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128}
+        shape |= {"num_attention_heads": 4, "vocab_size": 512}
+        response_len = 16
+    rows, prompt_len = 2 * (micro or 1), 256 if not args.smoke else 8
+    use_compute_dtype("bfloat16")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=4096))
+    params = sum(p.numel() for p in model.parameters())
+    vocab = shape["vocab_size"]
+    batch = RolloutBatch(
+        prompt_ids=torch.randint(3, vocab, (rows, prompt_len)),
+        prompt_mask=torch.ones(rows, prompt_len, dtype=torch.long),
+        response_ids=torch.randint(3, vocab, (rows, response_len)),
+        response_mask=torch.ones(rows, response_len, dtype=torch.long),
+        logprobs=torch.zeros(rows, response_len),
+        texts=[""] * rows,
+        prompt_index=torch.arange(rows),
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.algo.lr)
+    algo = cfg.algo.model_copy(update={"minibatches": 1})
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    seconds, _ = _median_time(
+        lambda: ppo_update(model, optimizer, batch, torch.randn(rows, device=device), algo, 1.0),
+        1,
+        device,
+    )
+    out = {
+        "params_m": params / 1e6,
+        "param_dtype": "float32",
+        "compute_dtype": "bfloat16",
+        "rows": rows,
+        "micro_batch": micro,
+        "prompt_len": prompt_len,
+        "response_len": response_len,
+        "step_s": seconds,
+    }
+    if device == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="Tiny sizes, CPU allowed.")
@@ -218,6 +293,8 @@ def main() -> None:
     print(json.dumps({"toy": report["toy"]}), flush=True)
     report["throughput"] = throughput(args, device)
     print(json.dumps({"throughput": report["throughput"]}), flush=True)
+    report["real_step_memory"] = real_step_memory(args, device)
+    print(json.dumps({"real_step_memory": report["real_step_memory"]}), flush=True)
     args.json.write_text(json.dumps(report, indent=2))
 
 

@@ -50,6 +50,10 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     tp = report["throughput"]
     assert tp["rollout_tokens_per_s"] > 0 and tp["train_tokens_per_s"] > 0
     assert tp["batch"] * tp["new_tokens"] == 32
+    # the math config's train step: its micro-batch size, two micro-batches of full length
+    real = report["real_step_memory"]
+    assert real["micro_batch"] == 2 and real["rows"] == 4 and real["response_len"] == 16
+    assert real["compute_dtype"] == "bfloat16" and real["step_s"] > 0
 
 
 def test_gpu_check_refuses_to_run_full_size_without_cuda() -> None:
