@@ -134,16 +134,6 @@ class ModelConfig(_Strict):
         "to float16, which gets no loss scaling here.",
     )
 
-    @model_validator(mode="after")
-    def _compute_not_wider(self) -> ModelConfig:
-        # autocast only lowers precision: float32 compute over bf16 weights would be ignored
-        if self.compute_dtype == "float32" and self.dtype != "float32":
-            raise ValueError(
-                f"compute_dtype float32 needs dtype float32 (got {self.dtype}): autocast "
-                "cannot compute wider than the weights"
-            )
-        return self
-
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the policy trains and samples: auto = cuda when visible."
     )
@@ -153,6 +143,16 @@ class ModelConfig(_Strict):
         "'<|im_end|>' when a base model gets chat-format prompts; each must be a single "
         "token of the tokenizer. The checkpoint's generation_config EOS ids also stop.",
     )
+
+    @model_validator(mode="after")
+    def _compute_not_wider(self) -> ModelConfig:
+        # autocast only lowers precision: float32 compute over bf16 weights would be ignored
+        if self.compute_dtype == "float32" and self.dtype != "float32":
+            raise ValueError(
+                f"compute_dtype float32 needs dtype float32 (got {self.dtype}): autocast "
+                "cannot compute wider than the weights"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- training
