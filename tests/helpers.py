@@ -18,6 +18,15 @@ TINY = {
 }
 
 
+def run_history(run_dir: Path) -> list[dict]:
+    """The history of the run `run_dir` (= <store.root>/<name>) from the default SQLite
+    metadata DB under its store root: what the stages read, also mid-run."""
+    from npo.store.metadata import MetadataDB, default_metadata_url
+
+    with MetadataDB(default_metadata_url(run_dir.parent.resolve())) as db:
+        return db.history(run_dir.name)
+
+
 def write_tiny_config(path: Path, root: Path, name: str, steps: int, **extra: object) -> Path:
     """Write a seconds-long experiment YAML (1-layer model, 2-digit sums) and return its path.
 

@@ -3,10 +3,9 @@
 helm comes from `make helm` (.tools/bin/helm; `make test` depends on it). Rendered manifests
 are validated with kubernetes-validate (bundled schemas, no cluster, no network) against
 KUBE_VERSION. Beyond the schemas, the tests check the chart's contract with the code: the
-Secrets are named and keyed as npo.config.ClusterConfig's defaults, the ConfigMap's submit
-arguments make `npo submit` warning-free, and the init Job's script, the SeaweedFS server
-arguments and the MLflow server arguments work against real servers on 127.0.0.1 (the
-same binaries the rest of the suite uses).
+Secrets and the ConfigMap are named and keyed as the compiled pipelines read them, and the
+init Job's script, the SeaweedFS server arguments and the MLflow server arguments work
+against real servers on 127.0.0.1 (the same binaries the rest of the suite uses).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import base64
 import contextlib
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -140,9 +138,9 @@ VARIANTS = {
     "default": [],
     "production": ["-f", str(PRODUCTION)],
     "external": EXTERNAL,
-    "no-mlflow-no-runs": [
+    "no-mlflow-no-init": [
         "--set", "mlflow.enabled=false", "--set", "mlflow.existingSecret=my-mlflow",
-        "--set", "runsVolume.enabled=false", "--set", "init.enabled=false",
+        "--set", "init.enabled=false",
     ],
 }  # fmt: skip
 
@@ -189,7 +187,7 @@ def test_schema_rejects_bad_values(helm: str) -> None:
         ("image.tag=latest", "/image"),
         ("s3.internal.securityContext.runAsUser=0", "/s3/internal/securityContext/runAsUser"),
         ("mlflow.resources.limits=null", "/mlflow/resources"),
-        ("runsVolume.accessModes[0]=ReadWriteSometimes", "/runsVolume/accessModes/0"),
+        ("runsVolume.enabled=true", "runsVolume"),  # removed: pods share no disk
         ("s3.bucket=Not_A_Bucket", "/s3/bucket"),
         ("postgres.databse=npo", "databse"),  # a typo of a key
     ]:
@@ -294,39 +292,54 @@ def test_production_uses_existing_secrets_by_the_default_names(helm: str) -> Non
     }
 
 
-def submit_overrides(docs: list[dict]) -> list[str]:
-    args = shlex.split(find(docs, "ConfigMap", "npo-config")["data"]["submit-args"])
-    assert args[::2] == ["--set"] * (len(args) // 2)
-    return args[1::2]
+def compiled_environment(path: Path) -> dict[str, tuple[str, str, str]]:
+    """{variable: (kind, name, key)} of every Secret and ConfigMap entry that the compiled
+    pipeline's steps take as environment variables."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    platform = next(d for d in docs if "platforms" in d)["platforms"]["kubernetes"]
+    found: dict[str, tuple[str, str, str]] = {}
+    for spec in platform["deploymentSpec"]["executors"].values():
+        for kind, field, name_key in (
+            ("Secret", "secretAsEnv", "secretName"),
+            ("ConfigMap", "configMapAsEnv", "configMapName"),
+        ):
+            for entry in spec.get(field, []):
+                for pair in entry["keyToEnv"]:
+                    key = pair.get("secretKey") or pair.get("configMapKey")
+                    found[pair["envVar"]] = (kind, entry[name_key], key)
+    return found
 
 
-@pytest.mark.parametrize("variant", ["default", "production"])
-def test_configmap_submit_args_make_a_warning_free_cluster_config(helm: str, variant: str) -> None:
+@pytest.mark.parametrize("pipeline", ["toy_autonpo", "math_autonpo"])
+def test_every_variable_a_step_reads_comes_from_the_chart(helm: str, pipeline: str) -> None:
+    """The committed YAML runs as uploaded on a default `make deploy` install: every
+    Secret/ConfigMap key it maps to a step's environment exists in what the chart renders,
+    and together they give every variable a step needs on a cluster."""
+    from npo.pipelines.kubernetes import STEP_ENVIRONMENT
+
+    docs = render(helm)
+    env = compiled_environment(ROOT / "pipelines" / "compiled" / f"{pipeline}.yaml")
+    assert set(STEP_ENVIRONMENT) <= set(env), set(STEP_ENVIRONMENT) - set(env)
+    for variable, (kind, name, key) in env.items():
+        doc = find(docs, kind, name)
+        data = secret_data(doc) if kind == "Secret" else doc["data"]
+        assert key in data, f"{variable}: {kind} {name} has no key {key}"
+    config = find(docs, "ConfigMap", "npo-config")["data"]
+    assert config["AWS_ENDPOINT_URL"] == f"http://{RELEASE}-seaweedfs.{NAMESPACE}.svc:8333"
+    assert config["NPO_ARTIFACTS_URI"] == "s3://npo/experiments"
+    assert config["AWS_REGION"] == ""  # unset: the client asks the server
+    find(docs, "Service", f"{RELEASE}-seaweedfs")
+
+
+def test_a_default_config_warns_of_nothing_on_the_charts_endpoints(helm: str) -> None:
+    """With the ConfigMap and Secrets a default config names, `npo submit` finds no state
+    left on a pod's disk; production values keep the same names (and set a region)."""
     from npo.pipelines.submit import cluster_warnings
 
-    docs = render(helm, *VARIANTS[variant])
-    config = find(docs, "ConfigMap", "npo-config")["data"]
-    cfg = load_config(ROOT / "configs" / "toy_autonpo.yaml", submit_overrides(docs))
-    assert cluster_warnings(cfg) == []
-    assert cfg.cluster.env["AWS_ENDPOINT_URL"] == config["AWS_ENDPOINT_URL"]
-    assert cfg.cluster.env["NPO_ARTIFACTS_URI"] == config["NPO_ARTIFACTS_URI"]
-    assert cfg.cluster.runs_volume == "npo-runs"
-    if variant == "default":
-        assert config["AWS_ENDPOINT_URL"] == f"http://{RELEASE}-seaweedfs.{NAMESPACE}.svc:8333"
-        assert config["NPO_ARTIFACTS_URI"] == "s3://npo/experiments"
-        find(docs, "Service", f"{RELEASE}-seaweedfs")
-    else:
-        assert cfg.cluster.env["AWS_REGION"] == "eu-central-1"
-
-
-def test_runs_volume_is_a_readwritemany_pvc(helm: str) -> None:
-    pvc = find(render(helm), "PersistentVolumeClaim", "npo-runs")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert "storageClassName" not in pvc["spec"]  # the cluster's default class
-    prod = find(render(helm, "-f", str(PRODUCTION)), "PersistentVolumeClaim", "npo-runs")
-    assert prod["spec"]["storageClassName"] == "efs-sc"
-    static = render(helm, "--set", "runsVolume.storageClassName=-")
-    assert find(static, "PersistentVolumeClaim", "npo-runs")["spec"]["storageClassName"] == ""
+    assert cluster_warnings(load_config(ROOT / "configs" / "toy_autonpo.yaml")) == []
+    prod = find(render(helm, "-f", str(PRODUCTION)), "ConfigMap", "npo-config")["data"]
+    assert prod["AWS_REGION"] == "eu-central-1"
+    assert set(ClusterConfig().config_maps[0].env) <= set(prod)
 
 
 # ----------------------------------------------------------------------------- pods
@@ -420,7 +433,7 @@ def test_external_modes_render_no_servers_of_their_own(helm: str) -> None:
     state = {"Deployment", "StatefulSet", "PersistentVolumeClaim", "Service"}
     both = render(helm, *EXTERNAL)
     assert not any("seaweedfs" in n or "postgresql" in n for n in names(both, state))
-    assert names(both, {"PersistentVolumeClaim"}) == {"npo-runs"}
+    assert names(both, {"PersistentVolumeClaim"}) == set()  # pods share no disk
     assert names(both, {"Deployment", "StatefulSet"}) == {f"{RELEASE}-mlflow"}
     assert names(both, {"Secret"}) == {"npo-mlflow"}
     images = {c["image"] for d in both if d["kind"] in WORKLOADS for _, c in containers(d)}
@@ -721,7 +734,7 @@ def test_notes_explain_submit_and_the_uis(helm: str) -> None:
     assert "npo submit configs/toy_autonpo.yaml --host http://localhost:8888" in notes
     assert "port-forward svc/ml-pipeline-ui 8080:80" in notes
     assert f"port-forward svc/{RELEASE}-mlflow 5000:5000" in notes
-    assert "--set cluster.runs_volume=npo-runs" in notes
+    assert "upload pipelines/compiled/toy_autonpo.yaml in the Kubeflow Pipelines UI" in notes
     other = run_helm(
         helm, "install", RELEASE, str(CHART), "--namespace", "elsewhere", "--dry-run=client"
     )  # fmt: skip

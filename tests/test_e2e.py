@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import write_tiny_config
+from helpers import run_history, write_tiny_config
 
 from npo.config import load_config
 from npo.experiment import run_experiment
@@ -95,7 +95,8 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "report.md").exists(), "the run finished before it was killed"
-    killed_at = max(r["step"] for r in load_history(run_dir / "metrics.jsonl"))
+    assert not (run_dir / "metrics.jsonl").exists()  # exported by the report only
+    killed_at = max(r["step"] for r in run_history(run_dir))
     assert killed_at < steps
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -4,7 +4,7 @@ Tests taking `db` or `db_url` run on SQLite and on a real PostgreSQL (conftest's
 PostgreSQL-only faults (restart, unreachable server, concurrency) are in test_metadata_pg.py.
 """
 
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,7 @@ def test_migrations_match_models_and_are_idempotent(db: MetadataDB) -> None:
     db.migrate()  # second run is a no-op
     inspector = sa.inspect(db.engine)
     tables = {"runs", "checkpoints", "guidance_caches", "guidance_entries", "mistake_pool"}
+    tables |= {"metric_rows"}
     assert set(inspector.get_table_names()) == {"alembic_version", "interventions", *tables}
     assert set(Base.metadata.tables) == {"interventions", *tables}
     for table in Base.metadata.sorted_tables:
@@ -45,7 +46,7 @@ def test_migrations_match_models_and_are_idempotent(db: MetadataDB) -> None:
     uniques = inspector.get_unique_constraints("checkpoints")
     assert [u["column_names"] for u in uniques] == [["run_id", "step"]]
     with db.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
         # Alembic's own autogenerate diff: types, nullability, keys, FKs, indexes.
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(ctx, Base.metadata) == []
@@ -135,9 +136,9 @@ def test_migrate_fast_path_reads_the_revision(tmp_path: Path) -> None:
     with MetadataDB(default_metadata_url(tmp_path)) as db:
         assert db.revision() is None
         db.migrate()
-        assert db.revision() == "0002"
+        assert db.revision() == "0003"
         db.migrate()  # at head: returns without Alembic
-        assert db.revision() == "0002"
+        assert db.revision() == "0003"
 
 
 def test_delete_run_takes_its_lineages_and_their_rows(db: MetadataDB) -> None:
@@ -156,3 +157,40 @@ def test_delete_run_takes_its_lineages_and_their_rows(db: MetadataDB) -> None:
     assert db.mistakes_by_step("a_b") == {}
     for run in others:
         assert [c.step for c in db.checkpoints(run)] == [5]
+
+
+# --- the run's history and info (migration 0003): what pods read instead of a run folder ---
+
+
+def test_history_rows_upsert_truncate_and_go_with_their_run(db: MetadataDB) -> None:
+    db.upsert_run("h", "h", "grpo", 0, {})
+    db.record_metrics("h", 0, 0, {"eval/accuracy": 0.25})
+    db.record_metrics("h", 2, 2, {"reward/mean": 0.5, "actor/entropy": float("nan")})
+    db.record_metrics("h", 1, 1, {"reward/mean": 0.4})
+    db.record_metrics("h", 2, 2, {"reward/mean": 0.6})  # a replayed step replaces its row
+    assert db.history("h") == [
+        {"step": 0, "policy_step": 0, "eval/accuracy": 0.25},
+        {"step": 1, "policy_step": 1, "reward/mean": 0.4},
+        {"step": 2, "policy_step": 2, "reward/mean": 0.6},
+    ]
+    db.record_metrics("h", 3, 1, {"reward/mean": 0.7, "actor/entropy": float("nan")})
+    assert db.history("h", until_step=3)[-1] == {"step": 3, "policy_step": 1, "reward/mean": 0.7}
+    assert [r["step"] for r in db.history("h", until_step=1)] == [0, 1]
+    db.truncate_history("h", 1)  # rows a crash lost
+    assert [r["step"] for r in db.history("h")] == [0, 1]
+    with pytest.raises(KeyError, match="no runs row 'ghost'"):
+        db.record_metrics("ghost", 1, 1, {"reward/mean": 0.1})
+    db.delete_run("h")
+    assert db.history("h") == []
+
+
+def test_run_info_is_set_once_per_field(db: MetadataDB) -> None:
+    db.upsert_run("i", "i", "grpo", 0, {})
+    assert (db.get_run("i").mlflow_run_id, db.get_run("i").started_at) == (None, None)
+    started = datetime(2026, 12, 7, 3, 0, tzinfo=UTC)
+    db.set_run_info("i", started_at=started)
+    db.set_run_info("i", mlflow_run_id="abc123")
+    run = db.get_run("i")
+    assert (run.mlflow_run_id, run.started_at) == ("abc123", started)
+    db.upsert_run("i", "i", "grpo", 0, {"x": 1})  # a resume keeps them
+    assert db.get_run("i").mlflow_run_id == "abc123"

@@ -28,7 +28,7 @@ import npo.store.metadata as md
 from npo.store.metadata import MIGRATION_LOCK_ID, Base, MetadataDB, alembic_config
 
 NPO_TABLES = {"guidance_caches", "guidance_entries", "mistake_pool", "interventions"}
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture

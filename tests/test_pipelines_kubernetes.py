@@ -178,7 +178,7 @@ def test_accelerator_node_selector_tolerations_and_env_when_configured():
             "cluster.accelerator_count=2",
             "cluster.node_selector={pool: gpu, zone: a}",
             "cluster.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
-            "cluster.env={AWS_ENDPOINT_URL: 'http://seaweedfs:8333'}",
+            "cluster.env={NPO_S3_INSECURE: '1'}",
             "cluster.cpu_request=4",
             "cluster.memory_request=16Gi",
             "cluster.memory_limit=24Gi",
@@ -201,9 +201,7 @@ def test_accelerator_node_selector_tolerations_and_env_when_configured():
         assert k8s["tolerations"] == [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
-        assert compiled.container(label)["env"] == [
-            {"name": "AWS_ENDPOINT_URL", "value": "http://seaweedfs:8333"}
-        ]
+        assert compiled.container(label)["env"] == [{"name": "NPO_S3_INSECURE", "value": "1"}]
     assert {"train", "guidance", "verify"} <= stages
 
 
@@ -286,22 +284,17 @@ def test_cluster_defaults_are_valid_and_documented():
         assert field.description, f"cluster.{name} has no description"
 
 
-def test_runs_volume_is_mounted_on_every_stage_and_becomes_store_root(monkeypatch, tmp_path):
-    compiled = Compiled(
-        compile_text("toy_grpo", "cluster.runs_volume=npo-runs", "cluster.runs_mount=/mnt/r")
-    )
+def test_config_maps_are_env_by_name_and_a_variable_has_one_source():
+    compiled = Compiled(compile_text("toy_grpo"))
     for stage, _, label in compiled.stage_tasks():
         if stage == "keep":
             continue
-        (mount,) = compiled.k8s(label)["pvcMount"]
-        assert (mount["constant"], mount["mountPath"]) == ("npo-runs", "/mnt/r"), stage
-        assert {"name": "NPO_STORE_ROOT", "value": "/mnt/r"} in compiled.container(label)["env"]
-    # ... and a step that finds NPO_STORE_ROOT keeps its run folders there
-    import json
-
-    from npo.config import public_dump
-    from npo.stages import config_from_json
-
-    cfg = load_config(CONFIGS / "toy_grpo.yaml")
-    monkeypatch.setenv("NPO_STORE_ROOT", str(tmp_path))
-    assert config_from_json(json.dumps(public_dump(cfg))).store.root == tmp_path
+        (entry,) = compiled.k8s(label)["configMapAsEnv"]
+        assert entry["configMapName"] == "npo-config"
+        assert {p["envVar"] for p in entry["keyToEnv"]} == {
+            "AWS_ENDPOINT_URL",
+            "AWS_REGION",
+            "NPO_ARTIFACTS_URI",
+        }
+    with pytest.raises(ConfigError, match=r"AWS_ENDPOINT_URL is set by both cluster\.config_maps"):
+        load_config(CONFIGS / "toy_grpo.yaml", ["cluster.env.AWS_ENDPOINT_URL=http://s3:8333"])

@@ -12,6 +12,7 @@ from helpers import write_tiny_config
 from npo.config import load_config
 from npo.steps.context import RunConflict, open_run
 from npo.store.checkpoint import list_checkpoints
+from npo.store.metadata import MetadataDB
 
 
 def _open(cfg, **kw):
@@ -30,26 +31,45 @@ def test_a_different_config_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_run_started_before_a_field_existed_resumes(tmp_path: Path) -> None:
-    """An older version wrote config.yaml without fields added since (here model.stop_tokens
+    """An older version stored the config without fields added since (here model.stop_tokens
     and algo.micro_batch_size): with their defaults it is the same config."""
     path = write_tiny_config(
         tmp_path / "c.yaml", tmp_path / "runs", "r", 3, tracking={"enabled": False}
     )
-    _open(load_config(path))
-    saved = tmp_path / "runs" / "r" / "config.yaml"
-    old = yaml.safe_load(saved.read_text())
+    ctx = _open(load_config(path))
+    old = ctx.db.get_run("r").config
     del old["model"]["stop_tokens"], old["algo"]["micro_batch_size"]
-    saved.write_text(yaml.safe_dump(old, sort_keys=True))
+
+    def store(config: dict) -> None:
+        with MetadataDB(ctx.db.url) as db:
+            db.upsert_run("r", "r", "grpo", 0, config)
+
+    store(old)
     _open(load_config(path))  # resumes
+    store(old)
     with pytest.raises(RunConflict, match="different config"):
         _open(load_config(path, ["model.stop_tokens=['1']"]))  # a real difference still counts
     old["algo"]["gone_field"] = 1  # a field this version no longer has: not the same config
-    saved.write_text(yaml.safe_dump(old, sort_keys=True))
+    store(old)
     with pytest.raises(RunConflict, match="different config"):
         _open(load_config(path))
 
 
-def test_checkpoints_without_their_folder_are_refused_until_fresh(tmp_path: Path) -> None:
+def test_the_run_folder_holds_no_state(tmp_path: Path) -> None:
+    """Deleting the output folder loses nothing: the run's state is in the DB and store."""
+    root = tmp_path / "runs"
+    cfg = load_config(
+        write_tiny_config(tmp_path / "c.yaml", root, "r", 3, tracking={"enabled": False})
+    )
+    ctx = _open(cfg)
+    ctx.store.put_bytes("runs/r/ckpt/000000/manifest.json", b"{}")
+    shutil.rmtree(root / "r")
+    ctx = _open(cfg)
+    assert list_checkpoints(ctx.store, "r") == [0]
+    assert yaml.safe_load((root / "r" / "config.yaml").read_text())["name"] == "r"
+
+
+def test_checkpoints_without_their_run_in_the_db_are_refused_until_fresh(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     cfg = load_config(
         write_tiny_config(tmp_path / "c.yaml", root, "r", 3, tracking={"enabled": False})
@@ -57,9 +77,10 @@ def test_checkpoints_without_their_folder_are_refused_until_fresh(tmp_path: Path
     ctx = _open(cfg)
     ctx.store.put_bytes("runs/r/ckpt/000000/manifest.json", b"{}")
     assert list_checkpoints(ctx.store, "r") == [0]
-    shutil.rmtree(root / "r")  # deleted by hand: the history is gone, the checkpoints not
+    (root / "npo.db").unlink()  # a metadata DB deleted or swapped: the checkpoints stay
+    shutil.rmtree(root / "r")
 
-    gone = r"holds checkpoints of run 'r' but its history .*metrics.jsonl is gone"
+    gone = r"holds checkpoints of run 'r' but the metadata DB .* has no such run.*--fresh"
     with pytest.raises(RunConflict, match=gone):
         _open(cfg)
     assert not (root / "r").exists()  # nothing half-created

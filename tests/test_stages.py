@@ -54,9 +54,10 @@ def test_context_for_maps_run_lineage_and_branch(tmp_path: Path) -> None:
     try:
         assert stages.context_for(ctx, "auto") is ctx
         lineage = stages.context_for(ctx, "auto.r2")
-        assert lineage.run_id == "auto.r2" and lineage.history_path == ctx.history_path
+        assert (lineage.run_id, lineage.history_id, lineage.root_id) == ("auto.r2", "auto", "auto")
         branch = stages.context_for(ctx, "auto.late000003")
-        assert branch.run_id == "auto.late000003" and branch.history_path != ctx.history_path
+        assert (branch.run_id, branch.history_id) == ("auto.late000003", "auto.late000003")
+        assert branch.root_id == "auto"
         with pytest.raises(ValueError, match="not 'auto'"):
             stages.context_for(ctx, "other")
     finally:

@@ -203,19 +203,22 @@ def test_resubmission_adds_a_version_named_by_the_yaml_hash(fake_kfp, host):
 
 
 def test_submit_warns_when_pods_could_not_share_storage(fake_kfp, host):
-    result = submit("--host", host)  # the DB URL comes from the default Secret
+    # the default Secrets and ConfigMap (the chart's) give every pod the shared stores
+    result = submit("--host", host)
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr
+    INSTANCES.clear()
+    result = submit("--host", host, "--set", "cluster.config_maps=[]")
     assert says(result.stderr, "warning: store.artifacts_uri is not s3://")
-    assert "SQLite" not in result.stderr
+    assert "SQLite" not in result.stderr  # the DB URL still comes from the default Secret
     INSTANCES.clear()
     result = submit("--host", host, "--set", "cluster.secrets=[]")
     assert says(result.stderr, "the metadata DB is SQLite")
     INSTANCES.clear()
-    shared = ["--set", "store.artifacts_uri=s3://npo/runs"]
+    shared = ["--set", "cluster.config_maps=[]", "--set", "cluster.secrets=[]"]
+    shared += ["--set", "store.artifacts_uri=s3://npo/runs"]
     shared += ["--set", "store.metadata_url=postgresql+psycopg://npo@db/npo"]
     result = submit("--host", host, *shared)
-    assert says(result.stderr, "cluster.runs_volume is not set")
-    INSTANCES.clear()
-    result = submit("--host", host, *shared, "--set", "cluster.runs_volume=npo-runs")
     assert result.exit_code == 0, result.output
     assert "warning" not in result.stderr
 
@@ -223,8 +226,7 @@ def test_submit_warns_when_pods_could_not_share_storage(fake_kfp, host):
 def test_submit_warns_about_inputs_the_pods_cannot_see(fake_kfp, host):
     def submit_math(*args: str) -> Any:
         config = CONFIG.parent / "math_autonpo.yaml"  # model and data on s3:// already
-        shared = ["--set", "store.artifacts_uri=s3://npo/runs", "--set", "cluster.runs_volume=v"]
-        return CliRunner().invoke(app, ["submit", str(config), "--host", host, *shared, *args])
+        return CliRunner().invoke(app, ["submit", str(config), "--host", host, *args])
 
     result = submit_math()
     assert result.exit_code == 0, result.output
@@ -232,7 +234,6 @@ def test_submit_warns_about_inputs_the_pods_cannot_see(fake_kfp, host):
     INSTANCES.clear()
     local = ["--set", "model.source=/models/qwen"]
     local += ["--set", "task.train_path=/data/train.jsonl"]
-    local += ["--set", "task.eval_path=file:///mnt/npo-runs/data/eval.jsonl"]  # runs volume
     result = submit_math(*local)
     assert result.exit_code == 0, result.output
     assert says(result.stderr, "model.source '/models/qwen' is a local path")

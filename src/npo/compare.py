@@ -16,15 +16,20 @@ from typing import Any
 
 from npo.config import ExperimentConfig
 from npo.experiment import intervention_events, run_experiment
-from npo.report import load_history
 from npo.report_compare import RunCurves, write_comparison
 from npo.steps.context import ProgressFn, metadata_url
 from npo.store.metadata import MetadataDB
 
 
-def _events(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+def _curves(cfg: ExperimentConfig, summary: dict[str, Any]) -> RunCurves:
+    """The run's history and interventions, from the metadata DB."""
     with MetadataDB(metadata_url(cfg)) as db:
-        return intervention_events(db, cfg.name)
+        return RunCurves(
+            label=f"{cfg.name} ({cfg.method})",
+            history=db.history(cfg.name),
+            summary=summary,
+            events=intervention_events(db, cfg.name),
+        )
 
 
 def run_comparison(
@@ -39,7 +44,7 @@ def run_comparison(
     if len({c.name for c in configs}) != len(configs):
         raise ValueError("compare: every config needs its own name (set name: in each file)")
     first = configs[0].name
-    curves, summaries = [], []
+    summaries: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         if engine == "pipeline":  # one warm step server for all the runs' pipelines
             from npo.pipelines.local import LocalPipelines
@@ -54,16 +59,7 @@ def run_comparison(
                 summaries.append(pipelines.run(cfg, fresh=fresh))
             else:
                 summaries.append(run_experiment(cfg, fresh, progress, engine))
-    for cfg, summary in zip(configs, summaries, strict=True):
-        run_dir = cfg.store.root.resolve() / cfg.name
-        curves.append(
-            RunCurves(
-                label=f"{cfg.name} ({cfg.method})",
-                history=load_history(run_dir / "metrics.jsonl"),
-                summary=summary,
-                events=_events(cfg),
-            )
-        )
+    curves = [_curves(cfg, s) for cfg, s in zip(configs, summaries, strict=True)]
     out = configs[0].store.root.resolve() / name
     out.mkdir(parents=True, exist_ok=True)
     png, md = write_comparison(out, curves, title=f"comparison · {name}", threshold=threshold)

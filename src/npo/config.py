@@ -407,6 +407,14 @@ class SecretEnvConfig(_Strict):
     optional: bool = Field(False, description="Start the step even when the Secret is missing.")
 
 
+class ConfigMapEnvConfig(_Strict):
+    config_map_name: str = Field(description="Kubernetes ConfigMap in the run's namespace.")
+    env: dict[str, str] = Field(
+        description="ConfigMap data key -> environment variable set in the step's container."
+    )
+    optional: bool = Field(False, description="Start the step even when the ConfigMap is missing.")
+
+
 class TolerationConfig(_Strict):
     key: str | None = Field(None, description="Taint key (None with Exists: every taint).")
     operator: Literal["Equal", "Exists"] = Field("Equal", description="How value is matched.")
@@ -450,6 +458,13 @@ def _default_secrets() -> list[SecretEnvConfig]:
     ]
 
 
+def _default_config_maps() -> list[ConfigMapEnvConfig]:
+    # The endpoints of a `make deploy` install (helm/npo's ConfigMap npo-config): where the
+    # steps find the object store and the run's artifacts, keys named after the variables.
+    variables = ["AWS_ENDPOINT_URL", "AWS_REGION", "NPO_ARTIFACTS_URI"]
+    return [ConfigMapEnvConfig(config_map_name="npo-config", env={v: v for v in variables})]
+
+
 class ClusterConfig(_Strict):
     """How `npo compile` / `npo submit` run the stages as Kubeflow Pipelines tasks. Only
     names of Secrets go into the compiled YAML, never their values."""
@@ -465,10 +480,16 @@ class ClusterConfig(_Strict):
         description="Secrets exposed as environment variables of every step: S3 keys, the "
         "metadata DB URL (with its password) and the MLflow tracking URI.",
     )
+    config_maps: list[ConfigMapEnvConfig] = Field(
+        default_factory=_default_config_maps,
+        description="ConfigMaps exposed as environment variables of every step: the S3 "
+        "endpoint and region and the artifacts URI of the chart's ConfigMap npo-config, so "
+        "the compiled YAML runs as uploaded on a `make deploy` install.",
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Plain (non-secret) environment variables of every step, e.g. "
-        "AWS_ENDPOINT_URL of an in-cluster S3 server.",
+        "NPO_S3_INSECURE; a variable a Secret or ConfigMap sets must not be repeated here.",
     )
     accelerator_type: str | None = Field(
         None,
@@ -504,17 +525,6 @@ class ClusterConfig(_Strict):
         description="Retry policy of the stateful steps (prepare, train, guidance, rollback): "
         "they resume from the last committed checkpoint.",
     )
-    runs_volume: str | None = Field(
-        None,
-        description="PersistentVolumeClaim (ReadWriteMany) mounted on every step at "
-        "runs_mount and used as store.root: the run folders (metrics history, run.json, "
-        "reports) that every task of a run reads and appends to.",
-    )
-    runs_mount: str = Field(
-        "/mnt/npo-runs",
-        pattern=r"^/\S*$",
-        description="Where runs_volume is mounted in the step containers (absolute).",
-    )
 
     @model_validator(mode="after")
     def _pinned(self) -> ClusterConfig:
@@ -522,6 +532,33 @@ class ClusterConfig(_Strict):
         if self.image.endswith(":latest"):
             raise ValueError("cluster.image must pin a version tag or digest, not :latest")
         return self
+
+    @model_validator(mode="after")
+    def _one_source_per_variable(self) -> ClusterConfig:
+        # Kubernetes would keep one of two definitions of a variable without a word.
+        seen: dict[str, str] = {}
+        for variable, source in self._variables():
+            if variable in seen:
+                raise ValueError(
+                    f"environment variable {variable} is set by both cluster.{seen[variable]} "
+                    f"and cluster.{source}; keep one"
+                )
+            seen[variable] = source
+        return self
+
+    def _variables(self) -> list[tuple[str, str]]:
+        """(variable, where it comes from) of every variable the steps get."""
+        pairs = [(v, f"secrets[{s.secret_name}]") for s in self.secrets for v in s.env.values()]
+        pairs += [
+            (v, f"config_maps[{c.config_map_name}]")
+            for c in self.config_maps
+            for v in c.env.values()
+        ]
+        return pairs + [(v, "env") for v in self.env]
+
+    def supplies(self, variable: str) -> bool:
+        """Whether the steps get `variable` from a Secret, a ConfigMap or cluster.env."""
+        return any(v == variable for v, _ in self._variables())
 
 
 # --------------------------------------------------------------------------- root

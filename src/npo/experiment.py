@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from npo.config import ExperimentConfig
-from npo.report import load_history
 from npo.steps.context import ProgressFn, RunContext, is_branch, open_run
 from npo.store.metadata import MetadataDB
 
@@ -36,7 +35,7 @@ def events_of(ivs: list[Any]) -> list[dict[str, Any]]:
 
 def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
     """Headline numbers of a finished run, from its metrics history."""
-    rows = load_history(ctx.history_path)
+    rows = ctx.history()
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     start = evals[0][1] if evals else float("nan")
     final = evals[-1][1] if evals else float("nan")

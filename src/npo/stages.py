@@ -15,11 +15,9 @@ See docs/stages-api.md.
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
 from collections.abc import Callable
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -34,9 +32,9 @@ from npo.guidance.sources import (
     TrajectorySource,
 )
 from npo.policy.model import use_compute_dtype, use_device
-from npo.report import load_history, write_report
+from npo.report import write_report
 from npo.report_html import curves_html
-from npo.steps.context import ProgressFn, RunConflict, RunContext, open_run
+from npo.steps.context import HISTORY, ProgressFn, RunConflict, RunContext, open_run
 from npo.steps.detect_plateau import detect_plateau
 from npo.steps.evaluate import eval_settings, evaluate_policy
 from npo.steps.generate_guidance import generate_guidance
@@ -158,7 +156,7 @@ def train_outputs(run: RunContext, global_step: int) -> dict[str, Any]:
     metrics, the eval table (Markdown) and the curves so far (HTML with an SVG chart)."""
     from npo.experiment import events_of
 
-    rows = [r for r in load_history(run.history_path) if r["step"] <= global_step]
+    rows = run.history(until_step=global_step)
     ivs = run.db.interventions(run.root_id)
     events = [e for e in events_of(ivs) if e["step"] <= global_step]
     title = f"{run.cfg.method} · {run.run_id} · global step {global_step}"
@@ -172,13 +170,11 @@ def train_outputs(run: RunContext, global_step: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- stages
 def prepare(ctx: RunContext) -> Result:
     """Register the run and warm the policy up -> checkpoint 0."""
-    info_path = ctx.run_dir / "run.json"
-    if "started_at" not in ctx.info:  # wall time of the whole experiment, for the report
-        ctx.info["started_at"] = time.time()
-        info_path.write_text(json.dumps(ctx.info, indent=2))
+    if ctx.run_row().started_at is None:  # wall time of the whole experiment, for the report
+        ctx.db.set_run_info(ctx.run_id, started_at=datetime.now(UTC))
     ctx.tracker.log_params(public_dump(ctx.cfg))
     warmup(ctx)
-    first = next(iter(load_history(ctx.history_path)), {})
+    first = next(iter(ctx.history(until_step=0)), {})
     return {"run_id": ctx.run_id, "eval_accuracy": float(first.get("eval/accuracy", "nan"))}
 
 
@@ -397,25 +393,40 @@ def evaluate(ctx: RunContext, run_id: str, step: int) -> Result:
 
 
 def report(ctx: RunContext) -> Result:
-    """Summary, plot and Markdown report of the run; marks it completed."""
+    """Summary, plot and Markdown report of the run; marks it completed.
+
+    The files go to the run's output folder (report.md, report.png, summary.json and
+    metrics.jsonl, the history's export), to the artifact store under
+    `runs/<run>/report/` and to MLflow: on a cluster the task's own disk is gone after it."""
     from npo.experiment import intervention_events, summarize
 
-    started = ctx.info.get("started_at")
-    summary = summarize(ctx, time.time() - started if started else float("nan"))
+    started = ctx.run_row().started_at
+    wall = (datetime.now(UTC) - started).total_seconds() if started else float("nan")
+    summary = summarize(ctx, wall)
+    history = ctx.history()
     png, md = write_report(
         ctx.run_dir,
-        load_history(ctx.history_path),
+        history,
         summary,
         title=f"{ctx.cfg.method} · {ctx.run_id}",
         events=intervention_events(ctx.db, ctx.run_id),
     )
-    for path in (png, md):
-        ctx.tracker.log_artifact(path, "report")
     summary["report"] = str(md)
-    (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary_path = ctx.run_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    history_path = ctx.run_dir / HISTORY
+    history_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+    for path in (png, md, summary_path, history_path):
+        ctx.store.put_file(f"{report_prefix(ctx.run_id)}{path.name}", path)
+        ctx.tracker.log_artifact(path, "report")
     ctx.db.set_run_status(ctx.run_id, "completed")
     ctx.tracker.finish("FINISHED")
     return {"summary": summary, "markdown": md.read_text()}
+
+
+def report_prefix(run_id: str) -> str:
+    """Where the report stage puts a run's report files in the artifact store."""
+    return f"runs/{run_id}/report/"
 
 
 STAGES: dict[str, Callable[..., Result]] = {
@@ -431,13 +442,8 @@ STAGES: dict[str, Callable[..., Result]] = {
 
 
 def config_from_json(config: str) -> ExperimentConfig:
-    """The experiment config a task got as its `config` parameter; NPO_STORE_ROOT (set on
-    cluster steps that mount the shared runs volume) replaces store.root."""
-    cfg = ExperimentConfig.model_validate(json.loads(config))
-    root = os.environ.get("NPO_STORE_ROOT")
-    if root:
-        cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": Path(root)})})
-    return cfg
+    """The experiment config a task got as its `config` parameter."""
+    return ExperimentConfig.model_validate(json.loads(config))
 
 
 def use_compute(cfg: ExperimentConfig) -> None:

@@ -16,8 +16,18 @@ from npo.config import ClusterConfig
 # Steps that write state (checkpoints, caches, lineages) and resume from the last committed
 # one when re-run: worth retrying after a lost node or a flaky store.
 RETRIED_STAGES = frozenset({"prepare", "train", "guidance", "rollback"})
-# Where a step finds store.root when the run folders are on the shared volume.
-STORE_ROOT_ENV = "NPO_STORE_ROOT"
+# What a step reads from its environment on a cluster, never from the compiled YAML: the S3
+# keys and endpoint, where the run's artifacts go, the metadata DB and MLflow URLs. The
+# config's default Secrets and ConfigMap supply them, and the chart creates those
+# (tests/test_chart.py checks both).
+STEP_ENVIRONMENT = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL",
+    "NPO_ARTIFACTS_URI",
+    "NPO_METADATA_URL",
+    "MLFLOW_TRACKING_URI",
+)
 # The bookkeeping task that only forwards a run id: no image-heavy settings.
 PASS_THROUGH = "keep"
 
@@ -57,7 +67,7 @@ def _resources(task: PipelineTask, stage: str, cluster: ClusterConfig) -> None:
 
 
 def _environment(task: PipelineTask, cluster: ClusterConfig) -> None:
-    """Secrets as environment variables (by name only) and the plain variables."""
+    """Secrets and ConfigMaps as environment variables (by name only), the plain ones."""
     for secret in cluster.secrets:
         kubernetes.use_secret_as_env(
             task,
@@ -65,13 +75,15 @@ def _environment(task: PipelineTask, cluster: ClusterConfig) -> None:
             secret_key_to_env=dict(sorted(secret.env.items())),
             optional=secret.optional,
         )
+    for config_map in cluster.config_maps:
+        kubernetes.use_config_map_as_env(
+            task,
+            config_map_name=config_map.config_map_name,
+            config_map_key_to_env=dict(sorted(config_map.env.items())),
+            optional=config_map.optional,
+        )
     for name, value in sorted(cluster.env.items()):
         task.set_env_variable(name, value)
-    if cluster.runs_volume:
-        # The run folders live on one shared volume: every task of a run appends to the
-        # same metrics history and reads the same run.json (MLflow run id, start time).
-        kubernetes.mount_pvc(task, pvc_name=cluster.runs_volume, mount_path=cluster.runs_mount)
-        task.set_env_variable(STORE_ROOT_ENV, cluster.runs_mount)
 
 
 def _placement(task: PipelineTask, cluster: ClusterConfig) -> None:

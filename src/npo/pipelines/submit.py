@@ -151,27 +151,22 @@ def wait_for_run(client: Any, host: str, run_id: str, timeout: float) -> str:
         time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
 
-def _supplied(cfg: ExperimentConfig, variable: str) -> bool:
-    """Whether the pods get `variable` from cluster.env or a Secret."""
-    cluster = cfg.cluster
-    return variable in cluster.env or any(variable in s.env.values() for s in cluster.secrets)
-
-
 def cluster_warnings(cfg: ExperimentConfig) -> list[str]:
     """Storage a cluster run cannot share between pods (each task is its own pod, with its
     own disk): local artifact folders and SQLite, unless the environment overrides them, and
-    inputs (model, datasets) on local paths outside the runs volume."""
+    inputs (model, datasets) on local paths."""
     found = []
-    if not (cfg.store.artifacts_uri or "").startswith("s3://") and not _supplied(
-        cfg, "NPO_ARTIFACTS_URI"
+    supplies = cfg.cluster.supplies
+    if not (cfg.store.artifacts_uri or "").startswith("s3://") and not supplies(
+        "NPO_ARTIFACTS_URI"
     ):
         found.append(
             "store.artifacts_uri is not s3://... and no NPO_ARTIFACTS_URI reaches the pods "
-            "(cluster.env or cluster.secrets): checkpoints would stay on each pod's disk"
+            "(cluster.config_maps, cluster.secrets or cluster.env): checkpoints would stay "
+            "on each pod's disk"
         )
-    if not _supplied(cfg, "NPO_METADATA_URL") and (cfg.store.metadata_url or "sqlite").startswith(
-        "sqlite"
-    ):
+    metadata = cfg.store.metadata_url or "sqlite"
+    if not supplies("NPO_METADATA_URL") and metadata.startswith("sqlite"):
         found.append(
             "the metadata DB is SQLite and no NPO_METADATA_URL reaches the pods: each task "
             "would see its own empty database"
@@ -179,18 +174,11 @@ def cluster_warnings(cfg: ExperimentConfig) -> list[str]:
     inputs = {"model.source": cfg.model.source} if cfg.model.source != "tiny" else {}
     if cfg.task.kind == "math":
         inputs |= {"task.train_path": cfg.task.train_path, "task.eval_path": cfg.task.eval_path}
-    shared = f"{cfg.cluster.runs_mount.rstrip('/')}/" if cfg.cluster.runs_volume else None
     for field, ref in inputs.items():
-        on_volume = shared is not None and ref.removeprefix("file://").startswith(shared)
-        if not ref.startswith("s3://") and not on_volume:
+        if not ref.startswith("s3://"):
             found.append(
                 f"{field} {ref!r} is a local path: the pods see it only if their image has "
                 f"it; put it in the object store with `npo stage {ref} s3://BUCKET/...` and "
                 "name that URI"
             )
-    if not cfg.cluster.runs_volume:
-        found.append(
-            "cluster.runs_volume is not set: the run folders (metrics history, run.json) "
-            "would stay on each pod's disk; mount a ReadWriteMany PVC there"
-        )
     return found

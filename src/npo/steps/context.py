@@ -1,19 +1,23 @@
 """What every step of a run shares: config, task, stores, tracker, progress sink.
 
-`open_run(cfg)` creates (or re-opens, to resume) the run folder `<store.root>/<name>/`,
-the artifact store, the metadata DB (migrated) and the tracker. A run folder remembers the
-config it was started with; re-opening it with a different config is refused, so a resume
-can never silently mix two experiments.
+`open_run(cfg)` opens (or re-opens, to resume) the run named `cfg.name`: the artifact store,
+the metadata DB (migrated), the tracker and the local output folder `<store.root>/<name>/`.
+Everything a later step reads is in the artifact store or the metadata DB (the history, the
+MLflow run id, the start time, the config the run was started with), never in that folder:
+a cluster's pods share no disk. The folder only receives what a user reads (the report,
+summary.json, an export of the history, the config as YAML).
+
+A run remembers the config it was started with; re-opening it with a different config is
+refused, so a resume can never silently mix two experiments.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ import yaml
 from npo.config import ExperimentConfig, current_dump, public_dump
 from npo.store.artifacts import ArtifactStore, open_store
 from npo.store.checkpoint import list_checkpoints
-from npo.store.metadata import MetadataDB, default_metadata_url
+from npo.store.metadata import MetadataDB, RunRow, default_metadata_url
 from npo.store.tracking import NullTracker, Tracker, make_tracker
 from npo.tasks import Task, make_task
 
@@ -30,11 +34,11 @@ ProgressFn = Callable[[str, int, int, dict[str, float]], None]
 """progress(phase, done, total, latest_metrics): the CLI draws bars from it."""
 
 
-HISTORY = "metrics.jsonl"  # a run's metric history, one JSON object per line, in its folder
+HISTORY = "metrics.jsonl"  # the export of a run's history in its output folder
 
 
 class RunConflict(RuntimeError):
-    """The run's folder and stored state do not fit the config (or each other)."""
+    """The run's stored state does not fit the config (or itself)."""
 
 
 def _noop_progress(phase: str, done: int, total: int, metrics: dict[str, float]) -> None:
@@ -43,6 +47,10 @@ def _noop_progress(phase: str, done: int, total: int, metrics: dict[str, float])
 
 @dataclass
 class RunContext:
+    """One open run. `run_id` is whose checkpoints the context reads and writes: the run, a
+    rollback lineage (`<root>.r<k>`) or a look-ahead branch; `history_id` is whose history
+    its metrics go to (lineages share the run's: global steps continue across them)."""
+
     cfg: ExperimentConfig
     run_id: str
     run_dir: Path
@@ -51,58 +59,47 @@ class RunContext:
     db: MetadataDB
     tracker: Tracker
     progress: ProgressFn = _noop_progress
-    info: dict[str, Any] = field(default_factory=dict)
+    root_id: str = ""
+    history_id: str = ""
 
-    @property
-    def history_path(self) -> Path:
-        return self.run_dir / HISTORY
+    def __post_init__(self) -> None:
+        self.root_id = self.root_id or self.run_id
+        self.history_id = self.history_id or self.run_id
 
-    @property
-    def root_id(self) -> str:
-        """The experiment's run id (a branch's or lineage's parent)."""
-        return self.info.get("parent", self.run_id)
+    def history(self, until_step: int | None = None) -> list[dict[str, Any]]:
+        """The metric history ({"step", "policy_step", **metrics} by global step)."""
+        return self.db.history(self.history_id, until_step)
+
+    def run_row(self) -> RunRow:
+        row = self.db.get_run(self.root_id)
+        assert row is not None, f"run {self.root_id} is not in the metadata DB"
+        return row
 
     def lineage(self, k: int) -> RunContext:
-        """The run continuing under a new checkpoint lineage (`<root>.<name>`) after a
-        rollback (`<root>.r<k>`): replayed policy steps get their own checkpoints, never
-        overwriting the ones they replace; metrics and tracker stay the run's."""
+        """The run continuing under a new checkpoint lineage (`<root>.r<k>`) after a
+        rollback: replayed policy steps get their own checkpoints, never overwriting the
+        ones they replace; metrics and tracker stay the run's."""
         run_id = f"{self.root_id}.r{k}"
         self.db.upsert_run(run_id, run_id, f"{self.cfg.method}-lineage", self.cfg.seed, {})
-        return replace(self, run_id=run_id, info={**self.info, "parent": self.root_id})
+        return replace(self, run_id=run_id, history_id=self.root_id)
 
     def branch(self, name: str) -> RunContext:
-        """A child run (`<run_id>.<name>`, e.g. a look-ahead) sharing stores and task.
+        """A child run (`<root>.<name>`, e.g. a look-ahead) sharing stores and task.
 
-        Its checkpoints live under its own run id, its metrics in its own folder; it logs
-        nothing to the parent's tracker (the parent logs what the branch produced).
-        """
+        Its checkpoints and its history are its own; it logs nothing to the parent's
+        tracker (the parent logs what the branch produced)."""
         run_id = f"{self.root_id}.{name}"
         self.db.upsert_run(run_id, run_id, f"{self.cfg.method}-branch", self.cfg.seed, {})
-        run_dir = self.run_dir / "branches" / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return replace(
-            self,
-            run_id=run_id,
-            run_dir=run_dir,
-            tracker=NullTracker(),
-            info={"parent": self.run_id},
-        )
+        return replace(self, run_id=run_id, history_id=run_id, tracker=NullTracker())
 
     def close(self, status: str = "FINISHED") -> None:
         self.tracker.finish(status)
-        self.db.close()
-        close = getattr(self.task, "close", None)
-        if close:
-            close()
+        _close(self.db, self.task)
 
 
-def _config_text(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(public_dump(cfg), sort_keys=True)
-
-
-def _same_config(saved: str, text: str) -> bool:
-    """Whether a run folder's config.yaml is `text`'s config, fields added since included."""
-    return saved == text or current_dump(yaml.safe_load(saved)) == yaml.safe_load(text)
+def same_config(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether a stored config dump is `ours` (a `public_dump`), fields added since included."""
+    return saved == ours or current_dump(saved) == ours
 
 
 def is_main_line(root_id: str, run_id: str) -> bool:
@@ -128,6 +125,13 @@ def artifacts_uri_of(cfg: ExperimentConfig) -> str:
     return uri or (cfg.store.root.resolve() / "artifacts").as_uri()
 
 
+def _close(db: MetadataDB, task: Task) -> None:
+    db.close()
+    close = getattr(task, "close", None)
+    if close:
+        close()
+
+
 def open_run(
     cfg: ExperimentConfig,
     fresh: bool = False,
@@ -140,53 +144,52 @@ def open_run(
     pipeline's tasks: most checks log nothing)."""
     run_dir = (cfg.store.root / cfg.name).resolve()
     artifacts_uri = artifacts_uri_of(cfg)
-    text = _config_text(cfg)
-    saved = run_dir / "config.yaml"
+    ours = public_dump(cfg)
     store = open_store(artifacts_uri)  # connects lazily: nothing is created yet
-    if fresh:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        store.delete_prefix(f"runs/{cfg.name}/")  # the run's checkpoints and guidance
-        store.delete_prefix(f"runs/{cfg.name}.")  # its look-ahead branches and lineages
-    if saved.exists() and not _same_config(saved.read_text(), text):
-        raise RunConflict(
-            f"{run_dir} holds a run started with a different config; resume it with the "
-            f"same config, pick another name (--set name=...), or pass --fresh to restart it"
-        )
-    # Validate every external thing before creating anything on disk.
+    # Validate every external thing before writing anything (the DB file included).
     if cfg.rollout.backend == "vllm":
         from npo.rollout.vllm import check_available
 
         check_available()
     task = make_task(cfg.task)
-    history = run_dir / HISTORY
-    if not history.exists() and list_checkpoints(store, cfg.name):
-        # checkpoints without their metric history (a run folder deleted by hand): resuming
-        # would fail later, or write a history that starts in the middle
-        raise RunConflict(
-            f"the artifact store ({artifacts_uri}) holds checkpoints of run {cfg.name!r} but "
-            f"its history {history} is gone; pass --fresh to start the run over"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(text)
     db = MetadataDB(metadata_url(cfg))
     db.migrate()
-    if fresh:  # and its rows (branches' and lineages' too): AutoNPO would replay them
-        db.delete_run(cfg.name)
-    db.upsert_run(cfg.name, cfg.name, cfg.method, cfg.seed, public_dump(cfg))
-
-    info_path = run_dir / "run.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if fresh:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        store.delete_prefix(f"runs/{cfg.name}/")  # the run's checkpoints, guidance, report
+        store.delete_prefix(f"runs/{cfg.name}.")  # its look-ahead branches and lineages
+        db.delete_run(cfg.name)  # and its rows (branches' and lineages'): AutoNPO replays them
+    row = db.get_run(cfg.name)
+    if row is not None and not same_config(row.config, ours):
+        _close(db, task)
+        raise RunConflict(
+            f"run {cfg.name!r} was started with a different config (metadata DB "
+            f"{db.safe_url}); resume it with the same config, pick another name "
+            "(--set name=...), or pass --fresh to restart it"
+        )
+    if row is None and list_checkpoints(store, cfg.name):
+        # checkpoints without their run (a metadata DB deleted or swapped): resuming would
+        # write a history that starts in the middle
+        _close(db, task)
+        raise RunConflict(
+            f"the artifact store ({artifacts_uri}) holds checkpoints of run {cfg.name!r} but "
+            f"the metadata DB ({db.safe_url}) has no such run; pass --fresh to start the run "
+            "over"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(ours, sort_keys=True))
+    db.upsert_run(cfg.name, cfg.name, cfg.method, cfg.seed, ours)
+    known = row.mlflow_run_id if row is not None else None
     tracker = make_tracker(
         cfg.tracking,
         cfg.store.root.resolve(),
         cfg.name,
-        resume_run_id=info.get("mlflow_run_id"),
+        resume_run_id=known,
         lazy=lazy_tracking,
     )
-    if tracker.run_id and info.get("mlflow_run_id") != tracker.run_id:
-        info["mlflow_run_id"] = tracker.run_id
-        info_path.write_text(json.dumps(info, indent=2))
+    if tracker.run_id and tracker.run_id != known:
+        db.set_run_info(cfg.name, mlflow_run_id=tracker.run_id)
     return RunContext(
         cfg=cfg,
         run_id=cfg.name,
@@ -196,5 +199,4 @@ def open_run(
         db=db,
         tracker=tracker,
         progress=progress or _noop_progress,
-        info=info,
     )

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from npo.algo.autonpo import cooldown_ok, detect_stagnation
-from npo.report import load_history
 from npo.steps.context import RunContext
 from npo.steps.pool_rollout import pool_pass_rates
 
@@ -40,7 +39,7 @@ def detect_plateau(
     """Decide at the policy step of `checkpoint` (run_id, t), from history up to global_step."""
     acfg = ctx.cfg.autonpo
     t = checkpoint[1]
-    rows = [r for r in load_history(ctx.history_path) if 0 < r["step"] <= global_step]
+    rows = [r for r in ctx.history(until_step=global_step) if r["step"] > 0]
     rows = [r for r in rows if "reward/mean" in r and "actor/entropy" in r]
     stag = detect_stagnation(
         [r["reward/mean"] for r in rows],

@@ -9,11 +9,9 @@ import time
 from typing import Any
 
 import torch
-import yaml
 
 from npo.config import current_dump, public_dump
 from npo.policy import init_policy
-from npo.report import load_history
 from npo.steps.context import RunConflict, RunContext
 from npo.steps.evaluate import eval_settings, evaluate_policy
 from npo.store.checkpoint import list_checkpoints, read_manifest
@@ -98,9 +96,13 @@ def warmup_mismatch(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
 
 def _reuse(ctx: RunContext, source: str) -> dict[str, float]:
     """Fork checkpoint 0 (and its history row) of `source` after checking it is ours."""
-    source_dir = ctx.run_dir.parent / source
-    theirs = yaml.safe_load((source_dir / "config.yaml").read_text())
-    ours = public_dump(ctx.cfg)
+    row = ctx.db.get_run(source)
+    if row is None:
+        raise RunConflict(
+            f"warmup.init_from={source}: the store holds its checkpoint 0 but the metadata DB "
+            f"({ctx.db.safe_url}) has no such run"
+        )
+    theirs, ours = row.config, public_dump(ctx.cfg)
     differ = warmup_mismatch(theirs, ours)
     if differ:
         raise RunConflict(
@@ -108,8 +110,8 @@ def _reuse(ctx: RunContext, source: str) -> dict[str, float]:
             f"from this run's; its checkpoint 0 is not this run's warm-up"
         )
     fork_checkpoint(ctx.store, source, ctx.run_id, 0)
-    row = load_history(source_dir / "metrics.jsonl")[0]
-    metrics = {k: v for k, v in row.items() if k not in ("step", "policy_step")}
+    (first,) = ctx.db.history(source, until_step=0)
+    metrics = {k: v for k, v in first.items() if k not in ("step", "policy_step")}
     truncate_history(ctx, -1)
     record_metrics(ctx, metrics, global_step=0, policy_step=0)
     record_checkpoint(ctx, 0, read_manifest(ctx.store, ctx.run_id, 0), metrics)

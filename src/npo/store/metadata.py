@@ -17,6 +17,10 @@ NPO's tables (migration 0002):
 - ``interventions``: early/late/rolling/auto interventions, unique per (run_id, kind, at_step),
   with the trigger signals and the S(Δ) table as JSON.
 
+Run state (migration 0003), so that a run's tasks need no shared disk:
+- ``metric_rows``: the run's history, one row per logged global step, unique per
+  (run_id, step); ``runs.mlflow_run_id`` and ``runs.started_at``.
+
 The schema is owned by Alembic migrations (``npo/store/migrations``); ``MetadataDB.migrate()``
 runs ``alembic upgrade head`` programmatically, so it works from an installed package. Many
 processes may migrate the same fresh DB at once (parallel pipeline steps): on PostgreSQL the
@@ -65,7 +69,7 @@ MAX_BACKOFF_S = 4.0
 MIGRATION_LOCK_ID = int.from_bytes(b"npo-migr", "big", signed=True)
 # The newest migration (tests check it is Alembic's head): a DB already there needs no
 # Alembic at all, which every pipeline task opening the run would otherwise pay for.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 # Rows per INSERT statement in multi-row writes: far below both backends' bind-parameter
 # limits (SQLite 32766, PostgreSQL 65535); all chunks of one call share one transaction.
 UPSERT_CHUNK_ROWS = 500
@@ -152,6 +156,30 @@ class RunRow(Base):
     status: Mapped[str] = mapped_column(sa.String(16), default=RunStatus.CREATED.value)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # migration 0003: the MLflow run every task of the run logs to, and when the experiment
+    # started (the report's wall time)
+    mlflow_run_id: Mapped[str | None] = mapped_column(sa.String(64))
+    started_at: Mapped[datetime | None]
+
+
+class MetricsRow(Base):
+    """One logged global step of a run's history: `metrics` maps metric keys to values.
+
+    step: the global step (every optimizer update, replays included); policy_step: where the
+    policy was (it goes back after a rollback). Unique per (run_id, step): a replayed step
+    after a crash overwrites its row.
+    """
+
+    __tablename__ = "metric_rows"
+    __table_args__ = (sa.UniqueConstraint("run_id", "step"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(
+        sa.String(128), sa.ForeignKey("runs.id", ondelete="CASCADE")
+    )
+    step: Mapped[int]
+    policy_step: Mapped[int]
+    metrics: Mapped[dict[str, Any]]
 
 
 class CheckpointRow(Base):
@@ -525,6 +553,24 @@ class MetadataDB:
             f"delete_run({run_id!r})", lambda: self._execute(sa.delete(RunRow).where(family))
         )
 
+    def set_run_info(
+        self,
+        run_id: str,
+        *,
+        mlflow_run_id: str | None = None,
+        started_at: datetime | None = None,
+    ) -> None:
+        """Record the run's MLflow run id and/or start time (None leaves a field as is)."""
+        values: dict[str, Any] = {}
+        if mlflow_run_id is not None:
+            values["mlflow_run_id"] = mlflow_run_id
+        if started_at is not None:
+            values["started_at"] = started_at
+        if not values:
+            return
+        stmt = sa.update(RunRow).where(RunRow.id == run_id).values(**values)
+        self._retry(f"set_run_info({run_id!r})", lambda: self._execute(stmt))
+
     def get_run(self, run_id: str) -> RunRow | None:
         def get() -> RunRow | None:
             with self._session() as s:
@@ -571,6 +617,50 @@ class MetadataDB:
                 return list(s.scalars(q.order_by(CheckpointRow.step)))
 
         return self._retry(f"checkpoints({run_id!r})", read)
+
+    # --- the run's metric history ---
+
+    def record_metrics(
+        self, run_id: str, step: int, policy_step: int, metrics: Mapping[str, float]
+    ) -> None:
+        """Store the metrics of global step `step` (upsert: a replayed step replaces its row).
+        Non-finite values are stored as null, as everywhere in this DB."""
+        row = {"run_id": run_id, "step": step, "policy_step": policy_step, "metrics": metrics}
+        self._write(
+            f"record_metrics({run_id!r}, {step})",
+            lambda s: self._upsert(
+                s, MetricsRow, [row], ["run_id", "step"], ["policy_step", "metrics"]
+            ),
+            (RunRow, run_id),
+        )
+
+    def history(self, run_id: str, until_step: int | None = None) -> list[dict[str, Any]]:
+        """The run's history rows ({"step", "policy_step", **metrics}) by ascending step, up
+        to `until_step` (inclusive; None: all). A metric stored as null is left out."""
+        M = MetricsRow
+        q = sa.select(M.step, M.policy_step, M.metrics).where(M.run_id == run_id)
+        if until_step is not None:
+            q = q.where(M.step <= until_step)
+
+        def read() -> list[dict[str, Any]]:
+            with self._session() as s:
+                rows = s.execute(q.order_by(M.step)).all()
+            return [
+                {
+                    "step": step,
+                    "policy_step": policy_step,
+                    **{k: v for k, v in metrics.items() if v is not None},
+                }
+                for step, policy_step, metrics in rows
+            ]
+
+        return self._retry(f"history({run_id!r})", read)
+
+    def truncate_history(self, run_id: str, after_step: int) -> None:
+        """Delete the run's history rows past global step `after_step` (work a crash lost)."""
+        M = MetricsRow
+        stmt = sa.delete(M).where(M.run_id == run_id, M.step > after_step)
+        self._retry(f"truncate_history({run_id!r})", lambda: self._execute(stmt))
 
     # --- NPO: guidance caches, mistake pool, interventions ---
 

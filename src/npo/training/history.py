@@ -1,11 +1,10 @@
-"""Where step metrics go: the run's metrics.jsonl (for the report) and the tracker (MLflow)."""
+"""Where step metrics go: the run's history in the metadata DB (for triggers, the KFP UI
+outputs and the report) and the tracker (MLflow)."""
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
-from npo.report import append_history, load_history
 from npo.store.checkpoint import checkpoint_uri, manifest_digest
 
 if TYPE_CHECKING:
@@ -15,22 +14,15 @@ if TYPE_CHECKING:
 def record_metrics(
     ctx: RunContext, metrics: dict[str, float], global_step: int, policy_step: int
 ) -> None:
-    """Append one row to metrics.jsonl and log it to the tracker at `global_step`."""
-    row = {"step": global_step, "policy_step": policy_step, **metrics}
-    append_history(ctx.history_path, row)
-    ctx.tracker.log_metrics({**metrics, "policy_step": float(policy_step)}, step=global_step)
+    """Store one history row and log it to the tracker at `global_step`."""
+    values = {k: float(v) for k, v in metrics.items()}
+    ctx.db.record_metrics(ctx.history_id, global_step, policy_step, values)
+    ctx.tracker.log_metrics({**values, "policy_step": float(policy_step)}, step=global_step)
 
 
-def truncate_history(ctx: RunContext, global_step: int) -> list[dict[str, Any]]:
-    """Drop rows after `global_step` (work lost with a crash) and return what is kept."""
-    path = ctx.history_path
-    if not path.exists():
-        return []
-    rows = [r for r in load_history(path) if r["step"] <= global_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-    return rows
+def truncate_history(ctx: RunContext, global_step: int) -> None:
+    """Drop history rows after `global_step` (work lost with a crash)."""
+    ctx.db.truncate_history(ctx.history_id, global_step)
 
 
 def record_checkpoint(
