@@ -73,7 +73,8 @@ def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
     """The toy GRPO run on `device` (float32 weights, bfloat16 compute), through the stages,
     in a temporary store."""
     from npo import stages
-    from npo.engine import train
+    from npo.flow import InProcess
+    from npo.methods import METHODS
     from npo.steps.context import open_run
 
     sets = [
@@ -94,7 +95,7 @@ def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
         started = time.perf_counter()
         stages.prepare(ctx)
         warm = time.perf_counter() - started
-        train(ctx)
+        METHODS[cfg.method].flow(InProcess(ctx), ctx.run_id)
         summary = stages.report(ctx)["summary"]
         ctx.close()
     return {

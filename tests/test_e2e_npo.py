@@ -128,15 +128,15 @@ def test_baselines_luffy_and_rlep(tmp_path: Path) -> None:
         "rlep",
         4,
         method="rlep",
-        baselines={"rlep_run": "far", "rlep_every": 2},
+        baselines={"rlep_run": "far"},
         **shared,
     )
     run_experiment(load_config(rlep))
     store = open_store((root / "artifacts").as_uri())
     headers = list_cache_headers(store, "rlep")
+    # one cache for the whole budget from the finished run's last checkpoint
     assert [(h["guide_run_id"], h["guide_step"], h["policy_step"]) for h in headers] == [
         ("far", 6, 0),
-        ("far", 6, 2),
     ]
     rows = load_history(root / "rlep" / "metrics.jsonl")
     assert [r["npo/gated_frac"] for r in rows[1:]] == [1.0] * 4  # gate 2.0: every group

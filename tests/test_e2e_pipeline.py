@@ -61,21 +61,20 @@ def test_grpo_pipeline_matches_the_direct_engine(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == list(range(7))
     assert _comparable(rows) == _comparable(load_history(root / "direct" / "metrics.jsonl"))
     assert summary["final accuracy"] == direct["final accuracy"]
-    assert _tasks(root / "pipe") == [
-        "evaluate",
-        "prepare",
-        "report",
-        "train-segment",
-        "train-segment-2",
-    ]
+    # one train task for the whole budget: a retried task resumes from its checkpoint
+    assert _tasks(root / "pipe") == ["evaluate", "prepare", "report", "train"]
     # a train task's KFP UI outputs: a Metrics artifact and the curves so far
-    out = json.loads(
-        next((root / "pipe" / "kfp").glob("*/train-segment-2/executor_output.json")).read_text()
-    )
-    assert out["parameterValues"] == {"run_id": "pipe", "policy_step": 6, "global_step": 6}
+    out = json.loads(next((root / "pipe" / "kfp").glob("*/train/executor_output.json")).read_text())
+    assert out["parameterValues"] == {
+        "run_id": "pipe",
+        "policy_step": 6,
+        "global_step": 6,
+        "triggered": False,
+        "signals": "{}",
+    }
     metrics = out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert metrics["eval/accuracy"] == rows[-1]["eval/accuracy"]
-    curves = next((root / "pipe" / "kfp").glob("*/train-segment-2/curves")).read_text()
+    curves = next((root / "pipe" / "kfp").glob("*/train/markdown")).read_text()
     assert "| 6 | 6 |" in curves
 
     store = open_store((root / "artifacts").as_uri())
@@ -117,11 +116,27 @@ def test_autonpo_pipeline_takes_the_intervention_branch(tmp_path: Path) -> None:
     assert list_checkpoints(store, "auto") == [0, 3, 6]
     assert list_checkpoints(store, "auto.r1")[-1] == 12
 
-    # windows ending at 3 and 9 kept going (Else branch); the one ending at 6 took the If
-    # branch: rollback -> guidance -> verify -> replay on lineage r1
-    tasks = _tasks(root / "auto")
-    assert {"rollback-2", "generate-guidance-2", "verify-2", "train-segment-2-2"} <= set(tasks)
-    assert {"keep", "keep-3"} <= set(tasks) and "rollback" not in tasks
+    # round 1's train watched the trigger at 3 (no) and 6 (forced): it stopped at 6 and took
+    # the If branch (rollback -> guidance -> verify -> replay on lineage r1); round 2 trained
+    # r1 from 6 to the end (nothing fired: the Else branch's keep); round 3 and the last
+    # train had nothing left and returned at once
+    round_1 = ["prepare", "train", "rollback", "guidance", "verify", "train-2"]
+    later = ["train-3", "keep-2", "train-5", "keep-3", "train-7", "evaluate", "report"]
+    assert _tasks(root / "auto") == sorted(round_1 + later)
+    outputs = {
+        name: json.loads(
+            next((root / "auto" / "kfp").glob(f"*/{name}/executor_output.json")).read_text()
+        )["parameterValues"]
+        for name in ("train", "train-2", "train-3", "train-7")
+    }
+    assert [(o["run_id"], o["policy_step"], o["triggered"]) for o in outputs.values()] == [
+        ("auto", 6, True),  # stopped by the trigger; its signals went to the rollback
+        ("auto.r1", 6, False),  # the replay
+        ("auto.r1", 12, False),
+        ("auto.r1", 12, False),
+    ]
+    assert json.loads(outputs["train"]["signals"])["forced"] is True
+    assert iv.signals["forced"] is True
     rows = load_history(root / "auto" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(12 + delta + 1))
     assert _comparable(rows) == _comparable(load_history(root / "adirect" / "metrics.jsonl"))
@@ -139,7 +154,7 @@ def test_a_failing_task_fails_the_run_with_its_log(tmp_path: Path) -> None:
     log = (root / "rlep" / "pipeline.log").read_text()
     assert "guide run 'ghost': no checkpoint in the store" in log
     assert str(info.value).startswith(
-        "task 'generate-guidance' failed: stage 'guidance' failed: RunConflict: guide run "
+        "task 'guidance' failed: stage 'guidance' failed: RunConflict: guide run "
         "'ghost': no checkpoint in the store (task logs: "
     )
     with MetadataDB(f"sqlite:///{root}/npo.db") as db:
@@ -148,4 +163,32 @@ def test_a_failing_task_fails_the_run_with_its_log(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(path), "--quiet"])
     assert result.exit_code == 1
     flat = " ".join(result.output.split())  # rich wraps long lines
-    assert "run failed: task 'generate-guidance' failed: stage 'guidance' failed" in flat
+    assert "run failed: task 'guidance' failed: stage 'guidance' failed" in flat
+
+
+def test_a_natural_trigger_fires_from_the_online_signals(tmp_path: Path) -> None:
+    """No force_at: round 1's train task stops where its own check finds the reward EMA
+    stagnant (any gain under 1.0) while entropy declines, confirmed on the mistake pool,
+    and the pipeline takes the If branch there."""
+    root = tmp_path / "runs"
+    natural = {
+        **AUTO,
+        "autonpo": {
+            **{k: v for k, v in AUTO["autonpo"].items() if k != "force_at"},
+            "min_reward_gain": 1.0,
+            "min_entropy_drop": 0.0,
+            "confirm_below": 1.0,
+        },
+    }
+    path = write_tiny_config(tmp_path / "n.yaml", root, "nat", 12, **natural)
+    summary = run_experiment(load_config(path), engine="pipeline")
+    with MetadataDB(f"sqlite:///{root}/npo.db") as db:
+        (iv,) = db.interventions("nat")
+    assert iv.signals["forced"] is False and iv.signals["triggered"] is True
+    assert iv.signals["entropy_change"] <= 0 < iv.signals["pool_prompts"]
+    assert iv.at_step % 3 == 0 and 4 <= iv.at_step < 12  # at a check, with 2 windows of history
+    out = json.loads(next((root / "nat" / "kfp").glob("*/train/executor_output.json")).read_text())
+    assert out["parameterValues"]["triggered"] is True
+    assert out["parameterValues"]["policy_step"] == iv.at_step
+    assert {"rollback", "guidance", "verify", "train-2"} <= set(_tasks(root / "nat"))
+    assert summary["replayed policy steps"] == iv.delta

@@ -1,5 +1,5 @@
 """Pipeline YAML: the committed files are current, compiling is deterministic, and each
-method's task graph mirrors the local engine (npo/engine.py).
+method's task graph is its flow (npo.methods), small whatever the budget.
 
 The structure tests read the compiled YAML back (yaml.safe_load and kfp's own loader); one
 test runs a pipeline under kfp.local with fake stages (NPO_STAGE_RUNNER) and checks the
@@ -26,7 +26,6 @@ pytest.importorskip("kfp")
 from kfp import components as kfp_components
 
 from npo.config import ExperimentConfig, load_config, public_dump
-from npo.pipelines.build import chunks
 from npo.pipelines.compile import compile_config, pipeline_yaml, shipped_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +60,9 @@ def root_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def constant(task: dict[str, Any], name: str) -> Any:
-    return task["inputs"]["parameters"][name]["runtimeValue"]["constant"]
+    """The constant a task passes as input `name` (None: not passed, the default holds)."""
+    given = task["inputs"]["parameters"].get(name)
+    return None if given is None else given["runtimeValue"]["constant"]
 
 
 def producer(task: dict[str, Any], name: str) -> tuple[str, str]:
@@ -125,39 +126,67 @@ def test_compiled_yaml_loads_back_with_the_config_as_its_only_parameter(path):
     for executor in spec["deploymentSpec"]["executors"].values():
         assert executor["container"]["image"] == cfg.cluster.image
         source = executor["container"]["command"][-1]
-        assert "from npo.stepserver import call_stage" in source or "return run_id" in source
+        assert "return run_task(" in source  # the stage's generated wrapper, nothing else
+
+
+# --------------------------------------------------------------------------- DAG size
+def count_tasks(spec: dict[str, Any]) -> int:
+    """Container and DAG tasks (condition branches, sub-DAGs) of a compiled pipeline."""
+    return len(list(walk(spec, spec["root"]["dag"])))
+
+
+BUDGET_CONFIGS = [(p.stem, ()) for p in sorted(CONFIGS.glob("*.yaml"))] + [
+    ("toy_autonpo", ("train.steps=2000", "autonpo.max_interventions=4")),
+    ("math_autonpo", ("train.steps=2000", "autonpo.max_interventions=4")),
+    ("toy_grpo", ("train.steps=5000",)),
+    ("toy_rlep", ("train.steps=2000",)),
+    ("toy_npo", ("train.steps=2000", "npo.late.at_step=1900")),
+    ("toy_npo", ("train.steps=2000", "npo.early.enabled=false", "npo.late.enabled=false",
+                 "npo.rolling.enabled=true")),
+]  # fmt: skip
+MAX_TASKS, MAX_KIB = 50, 200
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"), BUDGET_CONFIGS, ids=[f"{n}{list(o)}" for n, o in BUDGET_CONFIGS]
+)
+def test_the_dag_does_not_grow_with_the_budget(name, overrides):
+    """KFP's backend stores the run as one Argo Workflow, which etcd refuses past ~1.5 MiB:
+    every shipped config, and long budgets, stay small."""
+    text = pipeline_yaml(toy(name, *overrides), "test")
+    spec, _ = load_spec(text)
+    assert count_tasks(spec) <= MAX_TASKS
+    assert len(text.encode()) <= MAX_KIB * 1024
+
+
+def test_train_steps_does_not_change_the_dag():
+    """The budget is a number in the config, not a shape: 150 and 2000 steps compile to the
+    same tasks (AutoNPO's rounds unroll over interventions)."""
+    short, long = (compiled(toy("toy_autonpo", f"train.steps={n}")) for n in (150, 2000))
+    names = [
+        sorted(t["taskInfo"]["name"] for t in walk(s, s["root"]["dag"])) for s in (short, long)
+    ]
+    assert names[0] == names[1]
+    more = compiled(toy("toy_autonpo", "autonpo.max_interventions=4"))
+    assert count_tasks(more) > count_tasks(short)  # the decisions do
 
 
 # --------------------------------------------------------------------------- grpo & co
-def test_chunks_cut_like_the_engine():
-    """engine.chunks' cuts (not imported: npo.engine loads torch)."""
-    assert chunks(0, 150, 25) == [(0, 25), (25, 50), (50, 75), (75, 100), (100, 125), (125, 150)]
-    assert chunks(110, 200, 25) == [(110, 135), (135, 160), (160, 185), (185, 200)]
-    assert chunks(0, 10, 25) == [(0, 10)]
-    assert chunks(5, 5, 25) == []
-
-
 @pytest.mark.parametrize("method", ["grpo", "luffy", "exgrpo"])
-def test_unguided_methods_train_in_checkpoint_segments_then_evaluate_and_report(method):
+def test_unguided_methods_train_in_one_task_then_evaluate_and_report(method):
     cfg = toy(f"toy_{method}")
     spec = compiled(cfg)
     tasks = root_tasks(spec)
-    trains = [f"segment {i} · train" for i in range(1, 7)]
-    assert set(tasks) == {"warm-up", *trains, "evaluate", "report"}
-    previous = "warm-up"
-    for number, label in enumerate(trains):
-        task = tasks[label]
-        start, end = number * 25, (number + 1) * 25
-        assert (constant(task, "start"), constant(task, "end")) == (start, end)
-        assert constant(task, "guidance") == ""
-        assert constant(task, "phase") == method
-        assert constant(task, "fork_from") == ""
-        source, key = producer(task, "run_id")  # the run id flows task to task
-        assert (display(spec, source), key) == (previous, "run_id")
-        previous = label
+    assert set(tasks) == {"warm-up", "train", "evaluate", "report"}
+    train = tasks["train"]
+    assert (constant(train, "start"), constant(train, "end")) == (0, cfg.train.steps)
+    assert constant(train, "phase") == method
+    for name in ("guidance", "fork_from", "watch"):  # the defaults: no cache, no fork, no watch
+        assert constant(train, name) is None
+    assert producer(train, "run_id") == ("prepare", "run_id")
     evaluate = tasks["evaluate"]
     assert constant(evaluate, "step") == cfg.train.steps
-    assert display(spec, producer(evaluate, "run_id")[0]) == trains[-1]
+    assert display(spec, producer(evaluate, "run_id")[0]) == "train"
     assert [display(spec, t) for t in tasks["report"]["dependentTasks"]] == ["evaluate"]
 
 
@@ -178,17 +207,19 @@ def test_npo_guided_segments_look_ahead_then_guide_verify_and_train():
         "early · verify",
         "early · train",
         "segment 2 · train",
-        "segment 3 · train",
-        "segment 4 · train",
         "late · look-ahead",
         "late · guidance",
         "late · verify",
         "late · train",
-        "segment 6 · train",
+        "segment 4 · train",
         "evaluate",
         "report",
     }
-    for kind, start, main_before in (("early", 0, "warm-up"), ("late", 100, "segment 4 · train")):
+    assert (
+        constant(tasks["segment 2 · train"], "start"),
+        constant(tasks["segment 2 · train"], "end"),
+    ) == (25, 100)
+    for kind, start, main_before in (("early", 0, "warm-up"), ("late", 100, "segment 2 · train")):
         ahead = tasks[f"{kind} · look-ahead"]
         branch = f"toy-npo.{kind}{start:06d}"
         assert constant(ahead, "run_id") == branch
@@ -204,7 +235,6 @@ def test_npo_guided_segments_look_ahead_then_guide_verify_and_train():
         assert display(spec, producer(guide, "current_run")[0]) == main_before
         assert constant(guide, "current_step") == start
         assert (constant(guide, "start"), constant(guide, "end")) == (start, start + 25)
-        assert constant(guide, "pool_only") is False
         assert constant(guide, "kind") == kind
 
         verify = tasks[f"{kind} · verify"]
@@ -216,7 +246,7 @@ def test_npo_guided_segments_look_ahead_then_guide_verify_and_train():
         assert display(spec, producer(train, "run_id")[0]) == main_before
         assert constant(train, "phase") == f"npo·{kind}"
     assert display(spec, producer(tasks["segment 2 · train"], "run_id")[0]) == "early · train"
-    assert display(spec, producer(tasks["segment 6 · train"], "run_id")[0]) == "late · train"
+    assert display(spec, producer(tasks["segment 4 · train"], "run_id")[0]) == "late · train"
 
 
 def test_npo_delta0_control_guides_from_the_fork_point_without_look_ahead():
@@ -224,92 +254,101 @@ def test_npo_delta0_control_guides_from_the_fork_point_without_look_ahead():
     tasks = root_tasks(spec)
     assert not [name for name in tasks if "look-ahead" in name]
     guide = tasks["late · guidance"]
-    assert display(spec, producer(guide, "guide_run")[0]) == "segment 4 · train"
+    assert display(spec, producer(guide, "guide_run")[0]) == "segment 2 · train"
     assert constant(guide, "guide_step") == 100
 
 
-def test_npo_rolling_windows_each_get_a_look_ahead():
+def test_npo_rolling_windows_run_in_one_schedule_task():
     cfg = toy(
         "toy_npo", "npo.early.enabled=false", "npo.late.enabled=false", "npo.rolling.enabled=true"
     )
-    names = set(root_tasks(compiled(cfg)))
-    assert {f"rolling {i} · look-ahead" for i in range(1, 7)} <= names
-    assert {f"rolling {i} · train" for i in range(1, 7)} <= names
+    spec = compiled(cfg)
+    tasks = root_tasks(spec)
+    assert set(tasks) == {"warm-up", "rolling", "evaluate", "report"}
+    rolling = tasks["rolling"]
+    assert rolling["componentRef"]["name"] == "comp-schedule"
+    assert (constant(rolling, "start"), constant(rolling, "end")) == (0, cfg.train.steps)
 
 
 # --------------------------------------------------------------------------- rlep
-def test_rlep_replays_the_finished_runs_latest_checkpoint_per_window():
+def test_rlep_caches_the_finished_runs_latest_checkpoint_for_the_whole_budget():
     spec = compiled(toy("toy_rlep"))
     tasks = root_tasks(spec)
-    for number in range(1, 7):
-        t = (number - 1) * 25
-        guide = tasks[f"segment {number} · guidance"]
-        assert constant(guide, "cache_id") == f"toy-rlep.rlep{t:06d}"
-        assert constant(guide, "guide_run") == "toy-grpo"
-        assert constant(guide, "guide_step") == -1  # the stage resolves "latest"
-        assert constant(guide, "current_step") == t
-        assert constant(guide, "kind") == "rlep"
-        train = tasks[f"segment {number} · train"]
-        assert display(spec, producer(train, "guidance")[0]) == f"segment {number} · verify"
-        assert constant(train, "phase") == "rlep"
+    assert set(tasks) == {
+        "warm-up", "replay · guidance", "replay · verify", "train", "evaluate", "report"
+    }  # fmt: skip
+    guide = tasks["replay · guidance"]
+    assert constant(guide, "cache_id") == "toy-rlep.rlep000000"
+    assert constant(guide, "guide_run") == "toy-grpo"
+    assert constant(guide, "guide_step") == -1  # the stage resolves "latest"
+    assert (constant(guide, "start"), constant(guide, "end")) == (0, 150)
+    train = tasks["train"]
+    assert display(spec, producer(train, "guidance")[0]) == "replay · verify"
+    assert constant(train, "phase") == "rlep"
 
 
 # --------------------------------------------------------------------------- autonpo
-def test_autonpo_windows_are_sub_pipelines_with_if_else_and_oneof():
-    cfg = toy("toy_autonpo")  # 150 steps, a check every 10: 14 checked windows + the last
+def test_autonpo_unrolls_rounds_of_train_then_if_triggered_with_oneof():
+    cfg = toy("toy_autonpo")  # max_interventions 2: two watching rounds + a last train
     spec = compiled(cfg)
     tasks = root_tasks(spec)
-    windows = [f"segment {i}" for i in range(1, 15)]
-    assert set(tasks) == {"warm-up", *windows, "segment 15 · train", "evaluate", "report"}
-    previous = "warm-up"
-    for number, label in enumerate(windows, 1):
-        task = tasks[label]
-        assert display(spec, producer(task, "run_id")[0]) == previous
-        previous = label
-        component = spec["components"][task["componentRef"]["name"]]
-        inner = list(walk(spec, component["dag"]))
-        names = {t["taskInfo"]["name"] for t in inner}
-        assert {
-            f"{label} · train",
-            f"{label} · detect",
-            f"{label} · rollback",
-            f"{label} · guidance",
-            f"{label} · verify",
-            f"{label} · replay",
-            f"{label} · keep",
-        } <= names
-        conditions = [t["triggerPolicy"]["condition"] for t in inner if "triggerPolicy" in t]
-        assert len(conditions) == 2  # If(intervene) and its Else
-        assert any(c.endswith("intervene'] == true") for c in conditions)
-        assert any(c.startswith("!(") for c in conditions)
-        # The window's output is the OneOf of the replay's and the keep's run id.
-        branches = [t for t in inner if t["taskInfo"]["name"] == "condition-branches-1"]
-        assert len(branches) == 1
-        oneof = spec["components"][branches[0]["componentRef"]["name"]]["dag"]["outputs"]
-        (selector,) = oneof["parameters"].values()
-        keys = [s["outputParameterKey"] for s in selector["valueFromOneof"]["parameterSelectors"]]
-        assert len(keys) == 2 and keys[0].endswith("-run_id") and "keep" in keys[1]
-        by_name = {t["taskInfo"]["name"]: t for t in inner}
-        train = by_name[f"{label} · train"]
-        start, t = (number - 1) * 10, number * 10
-        assert (constant(train, "start"), constant(train, "end")) == (start, t)
-        assert constant(by_name[f"{label} · detect"], "t") == t
-        guide = by_name[f"{label} · guidance"]
-        assert constant(guide, "pool_only") is True
-        assert constant(guide, "guide_step") == t
-        assert constant(guide, "kind") == ""
-        replay = by_name[f"{label} · replay"]
-        assert constant(replay, "phase") == "autonpo·replay"
-        assert constant(replay, "end") == t
-    last = tasks["segment 15 · train"]
-    assert (constant(last, "start"), constant(last, "end")) == (140, 150)
-    assert display(spec, producer(last, "run_id")[0]) == "segment 14"
-    assert display(spec, producer(tasks["evaluate"], "run_id")[0]) == "segment 15 · train"
+    rounds = cfg.autonpo.max_interventions
+    assert {f"round {k} · train" for k in range(1, rounds + 2)} <= set(tasks)
+    previous = None
+    for k in range(1, rounds + 1):
+        train = tasks[f"round {k} · train"]
+        round_train = next(n for n, t in spec["root"]["dag"]["tasks"].items() if t is train)
+        assert constant(train, "watch") is True
+        assert constant(train, "end") == cfg.train.steps
+        if previous is None:
+            assert constant(train, "start") == 0
+            assert producer(train, "run_id") == ("prepare", "run_id")
+        else:  # where the previous round left the run: the OneOf of its two branches
+            assert "taskOutputParameter" in train["inputs"]["parameters"]["run_id"]
+            assert producer(train, "run_id")[0] == previous
+            assert producer(train, "start")[0] == previous
+        branches = [
+            t
+            for name, t in tasks.items()
+            if t["componentRef"]["name"].startswith("comp-condition-branches")
+        ]
+        previous = None
+        for group in branches:
+            inner = list(walk(spec, spec["components"][group["componentRef"]["name"]]["dag"]))
+            names = {t["taskInfo"]["name"] for t in inner}
+            if f"round {k} · rollback" in names:
+                previous = next(n for n, t in spec["root"]["dag"]["tasks"].items() if t is group)
+                assert {
+                    f"round {k} · guidance",
+                    f"round {k} · verify",
+                    f"round {k} · replay",
+                    f"round {k} · keep",
+                } <= names
+                conditions = [
+                    t["triggerPolicy"]["condition"] for t in inner if "triggerPolicy" in t
+                ]
+                assert any(c.endswith("triggered'] == true") for c in conditions)
+                assert any(c.startswith("!(") for c in conditions)
+                outputs = spec["components"][group["componentRef"]["name"]]["dag"]["outputs"]
+                assert len(outputs["parameters"]) == 2  # run_id and policy_step, each a OneOf
+                by_name = {t["taskInfo"]["name"]: t for t in inner}
+                guide = by_name[f"round {k} · guidance"]
+                assert constant(guide, "pool_only") is True
+                # the stopped train's policy step, passed into the branch
+                ref = guide["inputs"]["parameters"]["guide_step"]["componentInputParameter"]
+                assert ref == f"pipelinechannel--{round_train}-policy_step"
+                replay = by_name[f"round {k} · replay"]
+                assert constant(replay, "phase") == "autonpo·replay"
+                assert producer(replay, "run_id")[1] == "lineage_run_id"
+        assert previous is not None, f"round {k} has no If/Else group"
+    last = tasks[f"round {rounds + 1} · train"]
+    assert constant(last, "watch") is None  # the default: it trains to the end
+    assert display(spec, producer(tasks["evaluate"], "run_id")[0]) == f"round {rounds + 1} · train"
 
 
-def test_autonpo_last_window_has_no_check():
-    spec = compiled(toy("toy_autonpo", "train.steps=10"))
-    assert set(root_tasks(spec)) == {"warm-up", "segment 1 · train", "evaluate", "report"}
+def test_autonpo_without_interventions_is_one_train():
+    spec = compiled(toy("toy_autonpo", "autonpo.max_interventions=0"))
+    assert set(root_tasks(spec)) == {"warm-up", "round 1 · train", "evaluate", "report"}
 
 
 # --------------------------------------------------------------------------- kfp.local
@@ -317,6 +356,8 @@ FAKE_STAGES = '''
 """Fake stages for a kfp.local run: log each call, answer like the real ones."""
 import json
 import os
+
+FIRES = (10, 20)  # where a watching train's trigger fires
 
 
 def run_stage(name, config, progress=None, **params):
@@ -326,20 +367,20 @@ def run_stage(name, config, progress=None, **params):
     if name == "prepare":
         return {"run_id": run, "eval_accuracy": 0.4}
     if name == "train":
-        metrics = {"reward/mean": 0.5}
-        return {"run_id": params["run_id"], "policy_step": params["end"],
-                "global_step": params["end"], "metrics": metrics, "markdown": "# curves",
-                "html": "<p>curves</p>"}
+        start, end = params["start"], params["end"]
+        fired = [s for s in FIRES if start < s < end] if params["watch"] else []
+        stop = fired[0] if fired else end
+        ui = {"metrics": {"reward/mean": 0.5}, "markdown": "# curves", "html": "<p>c</p>"}
+        return {"run_id": params["run_id"], "policy_step": stop, "global_step": stop,
+                "triggered": bool(fired), "signals": json.dumps({"t": stop}), **ui}
     if name == "guidance":
         if params["end"] <= params["start"]:
-            return {"cache_id": "", "entries": 0, "q_hat": 0.0, "gap": 0.0}
+            return {"cache_id": "", "entries": 0, "q_hat": 0.0, "gap": 0.0,
+                    "guide_accuracy": 0.0, "current_accuracy": 0.0}
         return {"cache_id": params["cache_id"], "entries": 2, "q_hat": 0.1, "gap": 0.2,
                 "guide_accuracy": 0.5, "current_accuracy": 0.4}
     if name == "verify":
         return {"cache_id": params["cache_id"], "entries": 2, "verified": 2}
-    if name == "detect":
-        return {"intervene": t in (10, 20), "triggered": True, "confirmed": True,
-                "signals": json.dumps({"t": t})}
     if name == "rollback":
         if t == 10:  # nothing to score yet: same lineage, empty replay
             return {"lineage_run_id": params["run_id"], "guide_run": params["run_id"],
@@ -356,9 +397,10 @@ def run_stage(name, config, progress=None, **params):
 '''
 
 
-def test_autonpo_pipeline_runs_under_kfp_local_in_the_engines_order(tmp_path, monkeypatch):
-    """Window 1 intervenes but the rollback is skipped (empty replay, same lineage); window
-    2 rolls back to 10 and replays (10, 20] on lineage r1, from which window 3 continues."""
+def test_autonpo_pipeline_runs_under_kfp_local_in_the_flows_order(tmp_path, monkeypatch):
+    """Round 1's trigger fires at 10 but the rollback is skipped (empty replay, same
+    lineage); round 2's fires at 20, rolls back to 10 and replays (10, 20] on lineage r1,
+    from which the last round trains to the end."""
     from kfp import local
 
     from npo.pipelines.build import build_pipeline
@@ -375,19 +417,18 @@ def test_autonpo_pipeline_runs_under_kfp_local_in_the_engines_order(tmp_path, mo
         pipeline_root=str(tmp_path / "kfp"),
         raise_on_error=True,
     )
-    build_pipeline(toy("toy_autonpo", "train.steps=30"), local=True)()
+    summary = build_pipeline(toy("toy_autonpo", "train.steps=30"), local=True)().output
+    assert summary == {"accuracy": 0.6}  # the pipeline's output: the report's summary
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     brief = [(c["stage"], c.get("run_id"), c.get("start"), c.get("end")) for c in calls]
     assert brief == [
         ("prepare", None, None, None),
-        ("train", "toy-autonpo", 0, 10),
-        ("detect", "toy-autonpo", None, None),
+        ("train", "toy-autonpo", 0, 30),
         ("rollback", "toy-autonpo", None, None),
         ("guidance", None, 10, 10),
         ("verify", None, None, None),
         ("train", "toy-autonpo", 10, 10),
-        ("train", "toy-autonpo", 10, 20),
-        ("detect", "toy-autonpo", None, None),
+        ("train", "toy-autonpo", 10, 30),
         ("rollback", "toy-autonpo", None, None),
         ("guidance", None, 10, 20),
         ("verify", None, None, None),
@@ -396,8 +437,16 @@ def test_autonpo_pipeline_runs_under_kfp_local_in_the_engines_order(tmp_path, mo
         ("evaluate", "toy-autonpo.r1", None, None),
         ("report", None, None, None),
     ]
-    rollback, guide, replay = calls[9], calls[10], calls[12]
-    assert rollback["signals"] == json.dumps({"t": 20})  # detect's signals are recorded
+    assert [c.get("watch") for c in calls if c["stage"] == "train"] == [
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
+    rollback, guide, replay = calls[7], calls[8], calls[10]
+    assert rollback["signals"] == json.dumps({"t": 20})  # the trigger's signals are recorded
+    assert (rollback["t"], rollback["global_step"]) == (20, 20)
     assert guide == {
         "stage": "guidance",
         "cache_id": "toy-autonpo.auto000020",

@@ -25,21 +25,11 @@ from kfp import compiler
 from npo.config import ConfigError, ExperimentConfig, load_config
 from npo.pipelines.build import build_pipeline
 from npo.pipelines.compile import pipeline_yaml
+from npo.stages import STAGES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# Component function -> the stage it runs (docs/stages-api.md).
-STAGE_OF = {
-    "prepare": "prepare",
-    "train_segment": "train",
-    "generate_guidance": "guidance",
-    "verify": "verify",
-    "detect_plateau": "detect",
-    "rollback": "rollback",
-    "evaluate": "evaluate",
-    "report": "report",
-    "keep": "keep",
-}
-STATEFUL = {"prepare", "train", "guidance", "rollback"}
+# The stages that write state and resume when re-run (docs/stages-api.md).
+STATEFUL = {"prepare", "train", "guidance", "rollback", "schedule"}
 PASSWORD = "hunter2"
 
 
@@ -83,8 +73,8 @@ class Compiled:
             if label is None:
                 continue
             args = self.spec["deploymentSpec"]["executors"][label]["container"]["args"]
-            function = args[args.index("--function_to_execute") + 1]
-            yield STAGE_OF[function], task, label
+            # a component's function is named after its stage
+            yield args[args.index("--function_to_execute") + 1], task, label
 
     def container(self, label: str) -> dict[str, Any]:
         return self.spec["deploymentSpec"]["executors"][label]["container"]
@@ -126,7 +116,8 @@ def test_every_stage_gets_the_credential_secrets_by_name(autonpo_default):
         assert resources["resourceCpuRequest"] == "1"
         assert resources["resourceMemoryRequest"] == "4Gi"
         assert "accelerator" not in resources  # CPU by default
-    assert stages == set(STAGE_OF.values())
+    # every stage an AutoNPO run uses (detect runs inside train; schedule is NPO's)
+    assert stages == set(STAGES) - {"detect", "schedule"}
 
 
 def test_caching_is_off_for_every_task(autonpo_default):
@@ -150,7 +141,7 @@ def test_stateful_stages_retry_with_backoff_and_the_others_do_not(autonpo_defaul
             }
         else:
             assert "retryPolicy" not in task, (stage, task["taskInfo"])
-    assert seen >= STATEFUL
+    assert seen >= STATEFUL - {"schedule"}
 
 
 def test_retry_settings_follow_the_config():
@@ -211,7 +202,7 @@ def test_gpu_steps_choose_which_stages_get_the_accelerator():
             "toy_autonpo",
             "train.steps=20",
             "cluster.accelerator_type=nvidia.com/gpu",
-            "cluster.gpu_steps=[train, guidance, rollback, detect]",
+            "cluster.gpu_steps=[train, guidance, rollback, evaluate]",
         )
     )
     with_gpu = {
@@ -219,7 +210,7 @@ def test_gpu_steps_choose_which_stages_get_the_accelerator():
         for stage, _, label in compiled.stage_tasks()
         if "accelerator" in compiled.container(label).get("resources", {})
     }
-    assert with_gpu == {"train", "guidance", "rollback", "detect"}
+    assert with_gpu == {"train", "guidance", "rollback", "evaluate"}
 
 
 def test_the_real_model_config_runs_every_model_stage_on_a_gpu_of_the_cuda_image():
@@ -227,7 +218,8 @@ def test_the_real_model_config_runs_every_model_stage_on_a_gpu_of_the_cuda_image
     stages = {stage: compiled.container(label) for stage, _, label in compiled.stage_tasks()}
     assert {c["image"] for c in stages.values()} == {"ghcr.io/npo-project/npo:0.1.0-cuda"}
     with_gpu = {s for s, c in stages.items() if "accelerator" in c.get("resources", {})}
-    assert with_gpu == {"prepare", "train", "guidance", "detect", "rollback", "evaluate"}
+    # what the config lists (detect is not in its DAG: the train task checks online)
+    assert with_gpu == {"prepare", "train", "guidance", "rollback", "evaluate"}
     accelerator = stages["train"]["resources"]["accelerator"]
     assert accelerator.get("resourceType", accelerator.get("type")) == "nvidia.com/gpu"
 

@@ -13,9 +13,9 @@ from helpers import write_tiny_config
 from npo import stages
 from npo.config import load_config, public_dump
 from npo.guidance.cache import GuidanceCache, save_cache
-from npo.guidance.schedule import chunks
 from npo.guidance.sources import GoldTeacher
 from npo.steps.context import open_run
+from npo.store.checkpoint import list_checkpoints, read_manifest
 from npo.training.state import load_train_state
 
 pytestmark = pytest.mark.slow
@@ -44,24 +44,27 @@ def _auto_cfg(tmp_path: Path, steps: int = 9):
     )
 
 
-def test_chunks_cover_the_interval_in_checkpoint_sized_tasks() -> None:
-    assert chunks(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert chunks(5, 5, 3) == []
-
-
-def test_context_for_maps_run_lineage_and_branch(tmp_path: Path) -> None:
-    ctx = open_run(_auto_cfg(tmp_path))
+def test_a_watching_train_stops_at_the_trigger_and_a_retry_returns_the_same(tmp_path):
+    cfg = _auto_cfg(tmp_path)
+    config = json.dumps(public_dump(cfg))
+    stages.run_stage("prepare", config)
+    watch = {"run_id": "auto", "start": 0, "end": 9, "phase": "autonpo", "watch": True}
+    out = stages.run_stage("train", config, **watch)
+    assert (out["policy_step"], out["global_step"], out["triggered"]) == (6, 6, True)
+    assert json.loads(out["signals"])["forced"] is True  # force_at [6]; 3 had no trigger
+    ctx = open_run(cfg)
     try:
-        assert stages.context_for(ctx, "auto") is ctx
-        lineage = stages.context_for(ctx, "auto.r2")
-        assert (lineage.run_id, lineage.history_id, lineage.root_id) == ("auto.r2", "auto", "auto")
-        branch = stages.context_for(ctx, "auto.late000003")
-        assert (branch.run_id, branch.history_id) == ("auto.late000003", "auto.late000003")
-        assert branch.root_id == "auto"
-        with pytest.raises(ValueError, match="not 'auto'"):
-            stages.context_for(ctx, "other")
+        assert list_checkpoints(ctx.store, "auto") == [0, 3, 6]  # every check is a target
+        assert read_manifest(ctx.store, "auto", 6)["meta"]["trigger"]["policy_step"] == 6
+        rows = ctx.history()
+        again = stages.run_stage("train", config, **watch)  # a retried task
+        assert again == out
+        assert ctx.history() == rows  # nothing trained twice
     finally:
         ctx.db.close()
+    # the next round starts where this one stopped: that stop is not its own
+    on = stages.run_stage("train", config, **{**watch, "start": 6, "watch": False})
+    assert (on["policy_step"], on["global_step"], on["triggered"]) == (9, 9, False)
 
 
 def test_autonpo_stages_replay_recorded_decisions(tmp_path: Path) -> None:
@@ -70,9 +73,7 @@ def test_autonpo_stages_replay_recorded_decisions(tmp_path: Path) -> None:
     cfg = _auto_cfg(tmp_path)
     config = json.dumps(public_dump(cfg))
     assert stages.run_stage("prepare", config)["run_id"] == "auto"
-    out = {}
-    for a, b in [(0, 3), (3, 6)]:
-        out = stages.run_stage("train", config, run_id="auto", start=a, end=b, phase="autonpo")
+    out = stages.run_stage("train", config, run_id="auto", start=0, end=6, phase="autonpo")
     assert (out["policy_step"], out["global_step"]) == (6, 6)
     assert "eval/accuracy" in out["metrics"] and "| 6 | 6 |" in out["markdown"]
 

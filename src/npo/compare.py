@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from npo.config import ExperimentConfig
-from npo.experiment import intervention_events, run_experiment
+from npo.experiment import run_experiment
 from npo.report_compare import RunCurves, write_comparison
+from npo.report_ui import events_of
 from npo.steps.context import ProgressFn, metadata_url
 from npo.store.metadata import MetadataDB
 
@@ -28,7 +29,7 @@ def _curves(cfg: ExperimentConfig, summary: dict[str, Any]) -> RunCurves:
             label=f"{cfg.name} ({cfg.method})",
             history=db.history(cfg.name),
             summary=summary,
-            events=intervention_events(db, cfg.name),
+            events=events_of(db.interventions(cfg.name)),
         )
 
 

@@ -364,7 +364,6 @@ class BaselinesConfig(_Strict):
     rlep_run: str | None = Field(
         None, description="RLEP: the finished run (same store) whose last checkpoint replays."
     )
-    rlep_every: int = Field(25, ge=1, description="RLEP: replay cache per window of W steps.")
     rlep_gate: float = Field(
         2.0, ge=0, description="RLEP: pass-rate gate of the replay slot (> 1: every group)."
     )
@@ -435,10 +434,24 @@ class RetryConfig(_Strict):
     )
 
 
-# The stages of docs/stages-api.md: one KFP task each.
-ClusterStage = Literal[
-    "prepare", "train", "guidance", "verify", "detect", "rollback", "evaluate", "report"
-]
+def _known_stages(names: list[str]) -> list[str]:
+    from npo.stages import STAGES  # the stages are declared there, once
+
+    unknown = [n for n in names if n not in STAGES or not STAGES[n].opens_run]
+    if unknown:
+        known = sorted(n for n, s in STAGES.items() if s.opens_run)
+        raise ValueError(f"not stages that run the policy: {unknown}; the stages are {known}")
+    return names
+
+
+def _known_method(name: str) -> str:
+    from npo.methods import METHODS  # the methods are declared there, once
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; one of {', '.join(METHODS)}")
+    return name
+
+
 # Kubernetes quantities in the forms KFP accepts for requests and limits.
 _CPU = r"^([0-9]*[.])?[0-9]+m?$"
 _MEMORY = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
@@ -497,10 +510,11 @@ class ClusterConfig(_Strict):
         "(None: CPU only).",
     )
     accelerator_count: int = Field(1, ge=1, description="Accelerators per GPU step.")
-    gpu_steps: list[ClusterStage] = Field(
-        default_factory=lambda: ["train", "guidance"],
-        description="Stages that get the accelerator: train and guidance train or sample the "
-        "policy at length; the others mostly wait on the store.",
+    gpu_steps: Annotated[list[str], AfterValidator(_known_stages)] = Field(
+        default_factory=lambda: ["train", "guidance", "schedule"],
+        description="Stages that get the accelerator: train, guidance and schedule (NPO's "
+        "rolling windows) train or sample the policy at length; the others mostly wait on "
+        "the store.",
     )
     cpu_request: str = Field(
         "1",
@@ -570,11 +584,11 @@ class ExperimentConfig(_Strict):
         description="Run name (letters, digits, _ and -; branches add .<suffix>).",
     )
     seed: int = Field(0, description="Seed of model init, sampling and data order.")
-    method: Literal["grpo", "npo", "autonpo", "luffy", "exgrpo", "rlep"] = Field(
+    method: Annotated[str, AfterValidator(_known_method)] = Field(
         "grpo",
         description="grpo; npo (manual schedules); autonpo; the paper's baselines: luffy "
         "(gold-solution teacher in every group), exgrpo (own-past replay), rlep (replay "
-        "from a finished run).",
+        "from a finished run). The registry npo.methods.METHODS defines each.",
     )
     task: TaskConfig = Field(default_factory=ArithmeticTaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -605,32 +619,10 @@ class ExperimentConfig(_Strict):
                 f"algo.minibatches ({self.algo.minibatches}) must divide the rollout batch "
                 f"(rollout.prompts_per_step * rollout.group_size = {batch})"
             )
-        if self.method == "npo":
-            self._check_npo()
-        if self.method == "rlep" and not self.baselines.rlep_run:
-            raise ValueError("method rlep needs baselines.rlep_run: a finished run to replay")
-        return self
+        from npo.methods import METHODS
 
-    def _check_npo(self) -> None:
-        npo, steps = self.npo, self.train.steps
-        schedules = [n for n in ("early", "late", "rolling") if getattr(npo, n).enabled]
-        if not schedules:
-            raise ValueError(
-                "method npo needs a schedule: set npo.early.enabled, npo.late.enabled "
-                "or npo.rolling.enabled"
-            )
-        if npo.rolling.enabled and len(schedules) > 1:
-            raise ValueError("npo.rolling cannot be combined with npo.early / npo.late")
-        if npo.early.enabled and npo.early.window > steps:
-            raise ValueError(f"npo.early.window ({npo.early.window}) > train.steps ({steps})")
-        if npo.late.enabled:
-            end = npo.late.at_step + npo.late.lookahead
-            if end > steps:
-                raise ValueError(
-                    f"npo.late.at_step + npo.late.lookahead ({end}) > train.steps ({steps})"
-                )
-            if npo.early.enabled and npo.late.at_step < npo.early.window:
-                raise ValueError("npo.late.at_step must come after npo.early.window")
+        METHODS[self.method].check(self)
+        return self
 
 
 # --------------------------------------------------------------------------- persisting

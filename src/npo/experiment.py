@@ -13,24 +13,6 @@ from typing import Any
 
 from npo.config import ExperimentConfig
 from npo.steps.context import ProgressFn, RunContext, is_branch, open_run
-from npo.store.metadata import MetadataDB
-
-
-def intervention_events(db: MetadataDB, run_id: str) -> list[dict[str, Any]]:
-    """The run's interventions as report events at their global step."""
-    return events_of(db.interventions(run_id))
-
-
-def events_of(ivs: list[Any]) -> list[dict[str, Any]]:
-    """Intervention rows as report events ({"step": global step, "label", "kind"})."""
-    return [
-        {
-            "step": int(iv.signals.get("global_step", iv.at_step)),
-            "label": f"Δ={iv.delta}, from {iv.rollback_to}",
-            "kind": iv.kind,
-        }
-        for iv in ivs
-    ]
 
 
 def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
@@ -114,27 +96,25 @@ def run_experiment(
     """Run (or resume) the experiment `cfg`; returns the summary and writes the report.
 
     engine "pipeline": its Kubeflow pipeline through kfp.local (what `npo run` does);
-    "direct": the same stages called in this process, in the same order (no orchestration:
-    the baseline of bench/pipeline_overhead.py, and what most tests use)."""
+    "direct": the same flow (npo.methods.experiment) calling the stages in this process
+    (no orchestration: the baseline of bench/pipeline_overhead.py, and what most tests
+    use)."""
     if engine == "pipeline":
         from npo.pipelines.local import run_pipeline
 
         return run_pipeline(cfg, fresh=fresh, progress=progress)
     if engine != "direct":
         raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
-    from npo import stages
-    from npo.engine import train
+    from npo.flow import InProcess
+    from npo.methods import experiment
+    from npo.stages import use_compute
 
     ctx = open_run(cfg, fresh=fresh, progress=progress)
-    stages.use_compute(cfg)
+    use_compute(cfg)
     status = "FAILED"
     try:
         ctx.db.set_run_status(ctx.run_id, "running")
-        stages.prepare(ctx)
-        train(ctx)
-        final = stages.final_checkpoint(ctx)
-        stages.evaluate(ctx, *final)
-        summary = stages.report(ctx)["summary"]
+        summary = dict(experiment(InProcess(ctx))["summary"])
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:

@@ -1,63 +1,109 @@
-"""The stages a pipeline task runs: one entry point per Kubeflow component.
+"""The stages of an experiment: one function per pipeline task, each declared once.
 
-Each stage takes the open run (`RunContext` of the experiment) and small parameters (ids,
-steps, flags) and returns a dict of JSON values; heavy data stays in the artifact store.
+A stage takes the open run (`RunContext`) and small typed parameters (ids, steps, flags) and
+returns a dict of JSON values: the fields of its `outputs` NamedTuple, plus the KFP UI
+artifacts it names in `ui` ("metrics", "markdown", "html"). Heavy data stays in the artifact
+store. Its signature and docstring are its API: the KFP component (npo.pipelines.components)
+and docs/stages-api.md are generated from them, and both the KFP pipeline and the in-process
+engine call the stages through the same flows (npo.methods).
+
 `run_stage(name, config_json, **params)` opens the run from the config, runs one stage and
-closes it: that is what a component calls (through `npo.stepserver.call_stage`). The local
-engine (`npo.engine`) calls the same functions on one open run, in the same order.
+closes it: that is what a pipeline task runs (through `npo.stepserver.call_stage`).
 
 Stages are idempotent: a retried task resumes from the last committed checkpoint or returns
-the recorded result. AutoNPO's loop state (interventions done, the last one's global step,
-the checkpoint lineages) is read back from the metadata DB, never passed between tasks.
-See docs/stages-api.md.
+the recorded result. AutoNPO's loop state (interventions done, the checkpoint lineages) is
+read back from the metadata DB, never passed between tasks.
+
+Importing this module is cheap (no torch): the pipeline compiler reads the declarations;
+each stage imports what it computes with when it runs.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import re
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
-
-import torch
-from transformers.utils import logging as hf_logging
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from npo.config import ExperimentConfig, public_dump
-from npo.guidance.cache import GuidanceCache, load_cache
-from npo.guidance.sources import (
-    CachedGuidance,
-    ExperienceReplay,
-    GoldTeacher,
-    TrajectorySource,
-)
-from npo.policy.model import use_compute_dtype, use_device
-from npo.report import write_report
-from npo.report_html import curves_html
 from npo.steps.context import HISTORY, ProgressFn, RunConflict, RunContext, open_run
-from npo.steps.detect_plateau import detect_plateau
-from npo.steps.evaluate import eval_settings, evaluate_policy
-from npo.steps.generate_guidance import generate_guidance
-from npo.steps.rollback import (
-    Lineage,
-    NoRollbackCandidate,
-    checkpoint_at,
-    choose_rollback_distance,
-)
-from npo.steps.train_segment import train_segment
-from npo.steps.warmup import warmup
-from npo.store.checkpoint import latest_checkpoint, list_checkpoints
-from npo.store.metadata import InterventionRow
-from npo.tasks import Problem
-from npo.training.seeding import batch_indices
-from npo.training.state import fork_checkpoint, load_train_state
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from npo.guidance.cache import GuidanceCache
+    from npo.guidance.sources import TrajectorySource
+    from npo.steps.rollback import Lineage
+    from npo.store.metadata import InterventionRow
+    from npo.tasks import Problem
 
 Result = dict[str, Any]
 MANUAL_KINDS = ("early", "late", "rolling")
+# KFP UI artifacts a stage may write: the result key and the artifact type of each.
+UI_ARTIFACTS = {"metrics": "Metrics", "markdown": "Markdown", "html": "HTML"}
 
 
-class GuidanceInvalid(ValueError):
-    """A cached guide trajectory does not verify: it must not be trained on."""
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration. `fn(ctx, **params)` (or `fn(**params)` when it does not open
+    the run) returns its result; `outputs` names and types the result's fields; `ui` the KFP
+    UI artifacts it writes; `retried`: it writes state and resumes when re-run, so KFP
+    retries it on a cluster."""
+
+    fn: Callable[..., Result]
+    outputs: type[tuple[Any, ...]]
+    ui: tuple[str, ...] = ()
+    retried: bool = False
+    opens_run: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    @property
+    def description(self) -> str:
+        """The docstring's first paragraph, on one line."""
+        text = inspect.getdoc(self.fn) or ""
+        return " ".join(text.split("\n\n", 1)[0].split())
+
+    def parameters(self) -> list[tuple[str, type, Any]]:
+        """(name, type, default or inspect.Parameter.empty) of each parameter after ctx."""
+        hints = typing.get_type_hints(self.fn)
+        params = list(inspect.signature(self.fn).parameters.values())
+        if self.opens_run:
+            params = params[1:]
+        return [(p.name, hints[p.name], p.default) for p in params]
+
+    def output_types(self) -> dict[str, type]:
+        return typing.get_type_hints(self.outputs)
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(
+    outputs: type[tuple[Any, ...]],
+    ui: tuple[str, ...] = (),
+    retried: bool = False,
+    opens_run: bool = True,
+) -> Callable[[Callable[..., Result]], Callable[..., Result]]:
+    """Declare a stage (see `Stage`)."""
+
+    def register(fn: Callable[..., Result]) -> Callable[..., Result]:
+        STAGES[fn.__name__] = Stage(fn, outputs, ui, retried, opens_run)
+        return fn
+
+    return register
+
+
+def _result(outputs: tuple[Any, ...], **ui: Any) -> Result:
+    return {**outputs._asdict(), **ui}  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -76,6 +122,8 @@ def context_for(ctx: RunContext, run_id: str) -> RunContext:
 
 def segment_problems(ctx: RunContext, start: int, end: int) -> list[Problem]:
     """The training prompts of policy steps (start, end], each once, in order of use."""
+    from npo.training.seeding import batch_indices
+
     pool, per_step = ctx.task.train_problems(), ctx.cfg.rollout.prompts_per_step
     seen: dict[int, None] = {}
     for step in range(start, end):
@@ -93,91 +141,70 @@ def lineage_chain(ivs: list[InterventionRow], root: str) -> Lineage:
     return [(root, 0)] + [(f"{root}.r{k}", iv.rollback_to) for k, iv in enumerate(ivs, 1)]
 
 
-def final_checkpoint(ctx: RunContext) -> tuple[str, int]:
-    """(run_id, step) of the run's last checkpoint on its newest lineage."""
-    chain = lineage_chain(auto_interventions(ctx), ctx.root_id)
-    found = checkpoint_at(ctx, chain, ctx.cfg.train.steps)
-    if found is None:
-        raise RunConflict(f"run {ctx.root_id}: no checkpoint at step {ctx.cfg.train.steps}")
-    return found
-
-
-def _latest_values(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The last value of every metric in `rows` (the newest eval carried forward)."""
-    out: dict[str, float] = {}
-    for row in rows:  # later rows overwrite
-        out.update({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
-    return out
-
-
 def _source(ctx: RunContext, guidance: str) -> TrajectorySource | None:
-    """What fills slot G: a guidance cache, or the method's own source (LUFFY, ExGRPO)."""
-    cfg = ctx.cfg
+    """What fills slot G: a guidance cache (gated by the method's gate), or the method's
+    own source (LUFFY's teacher, ExGRPO's replay), or nothing."""
+    from npo.guidance.cache import load_cache
+    from npo.guidance.sources import CachedGuidance
+    from npo.methods import METHODS
+
+    method = METHODS[ctx.cfg.method]
     if guidance:
-        gate = cfg.baselines.rlep_gate if cfg.method == "rlep" else cfg.npo.guidance.gate
-        return CachedGuidance(load_cache(ctx.store, ctx.root_id, guidance), gate)
-    if cfg.method == "luffy":
-        tokenizer = load_train_state(ctx.store, ctx.root_id, 0, cfg.model.dtype).tokenizer
-        return GoldTeacher(tokenizer)
-    if cfg.method == "exgrpo":
-        problems = {p.id: p for p in ctx.task.train_problems()}
-        return ExperienceReplay(problems, cfg.seed, cfg.baselines.exgrpo_fraction)
-    return None
+        return CachedGuidance(load_cache(ctx.store, ctx.root_id, guidance), method.gate(ctx.cfg))
+    return method.source(ctx) if method.source else None
 
 
-def curves_markdown(ctx: RunContext, rows: list[dict[str, Any]], ivs: list[Any]) -> str:
-    """The eval table of `rows` and the interventions `ivs`, as Markdown for the KFP UI."""
-    upto = rows[-1]["step"] if rows else 0
-    lines = [f"### {ctx.cfg.method} · {ctx.root_id} · global step {upto}", ""]
-    lines += ["| global step | policy step | eval accuracy | train reward |", "|---|---|---|---|"]
-    for r in rows:
-        if "eval/accuracy" not in r:
-            continue
-        reward = r.get("reward/mean")
-        lines.append(
-            f"| {r['step']} | {r['policy_step']} | {r['eval/accuracy']:.3f} | "
-            + (f"{reward:.3f} |" if reward is not None else "– |")
-        )
-    if ivs:
-        lines += [
-            "",
-            "| intervention | at | Δ | rolled back to | guide step |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {iv.kind} | {iv.at_step} | {iv.delta} | {iv.rollback_to} | {iv.guide_step} |"
-            for iv in ivs
-        ]
-    return "\n".join(lines) + "\n"
+@dataclass
+class PlateauWatch:
+    """AutoNPO's online trigger, asked by a train task every `autonpo.check_every` steps:
+    the signals to stop with when it should intervene there (detect_plateau), else None."""
+
+    ctx: RunContext
+    every: int
+
+    def __call__(
+        self, model: PreTrainedModel, tokenizer: Any, step: int, global_step: int
+    ) -> dict[str, Any] | None:
+        decision = _plateau(self.ctx, (model, tokenizer), step, global_step)
+        return decision.signals if decision.intervene else None
 
 
-def train_outputs(run: RunContext, global_step: int) -> dict[str, Any]:
-    """What a train task shows in the KFP UI, from one read of the history: the last
-    metrics, the eval table (Markdown) and the curves so far (HTML with an SVG chart)."""
-    from npo.experiment import events_of
+def _plateau(ctx: RunContext, policy: Any, t: int, global_step: int) -> Any:
+    from npo.steps.detect_plateau import detect_plateau
 
-    rows = run.history(until_step=global_step)
-    ivs = run.db.interventions(run.root_id)
-    events = [e for e in events_of(ivs) if e["step"] <= global_step]
-    title = f"{run.cfg.method} · {run.run_id} · global step {global_step}"
-    return {
-        "metrics": _latest_values(rows),
-        "markdown": curves_markdown(run, rows, ivs),
-        "html": curves_html(title, rows, events),
-    }
+    prior = [iv for iv in auto_interventions(ctx) if iv.at_step < global_step]
+    last = prior[-1].at_step if prior else None
+    return detect_plateau(ctx, policy, t, global_step, last, len(prior))
 
 
 # --------------------------------------------------------------------------- stages
+class PrepareOut(NamedTuple):
+    run_id: str
+    eval_accuracy: float
+
+
+@stage(PrepareOut, retried=True)
 def prepare(ctx: RunContext) -> Result:
-    """Register the run and warm the policy up -> checkpoint 0."""
+    """Warm-up: the supervised start of the run (or a reused one), saved as checkpoint 0."""
+    from npo.steps.warmup import warmup
+
     if ctx.run_row().started_at is None:  # wall time of the whole experiment, for the report
         ctx.db.set_run_info(ctx.run_id, started_at=datetime.now(UTC))
     ctx.tracker.log_params(public_dump(ctx.cfg))
     warmup(ctx)
     first = next(iter(ctx.history(until_step=0)), {})
-    return {"run_id": ctx.run_id, "eval_accuracy": float(first.get("eval/accuracy", "nan"))}
+    return _result(PrepareOut(ctx.run_id, float(first.get("eval/accuracy", "nan"))))
 
 
+class TrainOut(NamedTuple):
+    run_id: str
+    policy_step: int
+    global_step: int
+    triggered: bool
+    signals: str
+
+
+@stage(TrainOut, ui=("metrics", "markdown", "html"), retried=True)
 def train(
     ctx: RunContext,
     run_id: str,
@@ -186,21 +213,52 @@ def train(
     guidance: str = "",
     phase: str = "",
     fork_from: str = "",
+    watch: bool = False,
 ) -> Result:
-    """Train policy steps start+1..end of `run_id` (slot G from `guidance` if given)."""
+    """RL policy steps (start, end] of `run_id`, slot G from the verified cache `guidance`
+    if given; `fork_from` seeds `run_id` (a look-ahead branch) with that run's checkpoint
+    `start`; `watch`: stop early where AutoNPO's trigger fires (triggered, with its signals).
+
+    The trigger (reward-EMA stagnation with declining entropy, confirmed on the mistake
+    pool) is checked every `autonpo.check_every` steps, each of which is checkpointed."""
+    from npo.report_ui import train_outputs
+    from npo.steps.train_segment import train_segment
+    from npo.store.checkpoint import list_checkpoints
+    from npo.training.state import fork_checkpoint
+
     run = context_for(ctx, run_id)
     if fork_from and start not in list_checkpoints(ctx.store, run_id):
         fork_checkpoint(ctx.store, fork_from, run_id, start)
-    state = train_segment(run, start, end, _source(ctx, guidance), phase or ctx.cfg.method)
+    state = train_segment(
+        run,
+        start,
+        end,
+        lambda: _source(ctx, guidance),
+        phase or ctx.cfg.method,
+        PlateauWatch(run, ctx.cfg.autonpo.check_every) if watch else None,
+    )
     global_step = int(state["global_step"])
-    return {
-        "run_id": run_id,
-        "policy_step": end,
-        "global_step": global_step,
-        **train_outputs(run, global_step),
-    }
+    trigger = state.get("trigger")
+    out = TrainOut(
+        run_id,
+        int(state["policy_step"]),
+        global_step,
+        trigger is not None,
+        json.dumps(trigger or {}, default=float, sort_keys=True),  # the same on a retry
+    )
+    return _result(out, **train_outputs(run, global_step))
 
 
+class GuidanceOut(NamedTuple):
+    cache_id: str
+    entries: int
+    q_hat: float
+    gap: float
+    guide_accuracy: float
+    current_accuracy: float
+
+
+@stage(GuidanceOut, retried=True)
 def guidance(
     ctx: RunContext,
     cache_id: str,
@@ -214,20 +272,17 @@ def guidance(
     kind: str = "",
     log_step: int = -1,
 ) -> Result:
-    """Cache one verified guide trajectory per prompt of policy steps (start, end].
+    """Cache one verified guide trajectory per prompt of policy steps (start, end] from
+    checkpoint `guide_step` of `guide_run` (-1: its latest), compared with the current
+    checkpoint; an empty span returns an empty cache id.
 
-    guide_step < 0: the guide run's latest checkpoint (RLEP's finished run). pool_only:
-    only the mistake-pool prompts (AutoNPO). kind early/late/rolling: record the manual
-    intervention. Guide statistics are logged at `log_step` (default: `start`)."""
+    pool_only: only the mistake-pool prompts (AutoNPO). kind early/late/rolling: record the
+    manual intervention. Guide statistics are logged at `log_step` (-1: at `start`)."""
+    from npo.steps.generate_guidance import generate_guidance
+    from npo.store.checkpoint import latest_checkpoint
+
     if end <= start:  # an intervention that was skipped: nothing to replay
-        return {
-            "cache_id": "",
-            "entries": 0,
-            "q_hat": 0.0,
-            "gap": 0.0,
-            "guide_accuracy": 0.0,
-            "current_accuracy": 0.0,
-        }
+        return _result(GuidanceOut("", 0, 0.0, 0.0, 0.0, 0.0))
     if guide_step < 0:
         latest = latest_checkpoint(ctx.store, guide_run)
         if latest is None:
@@ -259,25 +314,39 @@ def guidance(
         )
     stats = {f"guide/{k}": v for k, v in cache.stats.items() if k != "seconds"}
     ctx.tracker.log_metrics(stats, step=log_step if log_step >= 0 else start)
-    return _cache_result(cache)
+    return _result(_cache_outputs(cache))
 
 
-def _cache_result(cache: GuidanceCache) -> Result:
+def _cache_outputs(cache: GuidanceCache) -> GuidanceOut:
     s = cache.stats
-    return {
-        "cache_id": cache.cache_id,
-        "entries": len(cache.entries),
-        "q_hat": float(s["q_hat"]),
-        "gap": float(s["accuracy_gap"]),
-        "guide_accuracy": float(s["guide_accuracy"]),
-        "current_accuracy": float(s["current_accuracy"]),
-    }
+    return GuidanceOut(
+        cache.cache_id,
+        len(cache.entries),
+        float(s["q_hat"]),
+        float(s["accuracy_gap"]),
+        float(s["guide_accuracy"]),
+        float(s["current_accuracy"]),
+    )
 
 
+class GuidanceInvalid(ValueError):
+    """A cached guide trajectory does not verify: it must not be trained on."""
+
+
+class VerifyOut(NamedTuple):
+    cache_id: str
+    entries: int
+    verified: int
+
+
+@stage(VerifyOut)
 def verify(ctx: RunContext, cache_id: str) -> Result:
-    """Re-verify every cached trajectory with the task's verifier before it is trained on."""
+    """Re-verify every cached trajectory with the task's verifier before it is trained on
+    (fails on a wrong one); an empty cache id passes through."""
+    from npo.guidance.cache import load_cache
+
     if not cache_id:
-        return {"cache_id": "", "entries": 0, "verified": 0}
+        return _result(VerifyOut("", 0, 0))
     cache = load_cache(ctx.store, ctx.root_id, cache_id)
     problems = {p.id: p for p in ctx.task.train_problems()}
     bad: list[str] = []
@@ -295,39 +364,57 @@ def verify(ctx: RunContext, cache_id: str) -> Result:
             f"guidance cache {cache_id}: {len(bad)} of {len(cache.entries)} trajectories do "
             f"not verify (first: {bad[:3]}); delete the cache to rebuild it"
         )
-    return {"cache_id": cache_id, "entries": len(cache.entries), "verified": len(cache.entries)}
+    return _result(VerifyOut(cache_id, len(cache.entries), len(cache.entries)))
 
 
+class DetectOut(NamedTuple):
+    intervene: bool
+    triggered: bool
+    confirmed: bool
+    signals: str
+
+
+@stage(DetectOut)
 def detect(ctx: RunContext, run_id: str, t: int, global_step: int) -> Result:
-    """AutoNPO's plateau check at policy step t of lineage `run_id`."""
-    ivs = auto_interventions(ctx)
-    made = [iv for iv in ivs if iv.at_step == global_step]
-    if made:  # decided (and acted on) before a crash: the same decision again
+    """AutoNPO's plateau check at checkpoint t of lineage `run_id`: the check a watching
+    train task runs online, as a task of its own (a decision already recorded is returned)."""
+    from npo.training.state import load_train_state
+
+    made = [iv for iv in auto_interventions(ctx) if iv.at_step == global_step]
+    if made:  # decided (and acted on) before: the same decision again
         return _decision(True, True, True, made[0].signals)
-    prior = [iv for iv in ivs if iv.at_step < global_step]
-    last = prior[-1].at_step if prior else None
-    d = detect_plateau(ctx, (run_id, t), global_step, last, len(prior))
+    loaded = load_train_state(ctx.store, run_id, t, ctx.cfg.model.dtype)
+    d = _plateau(context_for(ctx, run_id), (loaded.model, loaded.tokenizer), t, global_step)
     return _decision(d.intervene, d.triggered, d.confirmed, d.signals)
 
 
 def _decision(intervene: bool, triggered: bool, confirmed: bool, signals: Any) -> Result:
-    return {
-        "intervene": intervene,
-        "triggered": triggered,
-        "confirmed": confirmed,
-        "signals": json.dumps(signals, default=float),
-    }
+    return _result(DetectOut(intervene, triggered, confirmed, json.dumps(signals, default=float)))
 
 
+class RollbackOut(NamedTuple):
+    lineage_run_id: str
+    guide_run: str
+    back_run: str
+    rollback_to: int
+    delta: int
+    cache_id: str
+    skipped: bool
+
+
+@stage(RollbackOut, retried=True)
 def rollback(ctx: RunContext, run_id: str, t: int, global_step: int, signals: str = "{}") -> Result:
-    """Choose Δ*, record the intervention (with `signals`, detect's JSON) and fork lineage k
-    at t − Δ* (idempotent)."""
+    """Choose Δ* = argmax Q̂/V̂, record the intervention with the trigger's `signals` and
+    fork lineage k at t − Δ*; skipped (nothing to score yet): the lineage stays and
+    rollback_to = t, so the replay that follows is empty."""
+    from npo.steps.rollback import NoRollbackCandidate, checkpoint_at, choose_rollback_distance
+    from npo.training.state import fork_checkpoint
+
     root = ctx.root_id
     ivs = auto_interventions(ctx)
     prior = [iv for iv in ivs if iv.at_step < global_step]
     chain = lineage_chain(prior, root)
-    k = len(prior) + 1
-    lineage = f"{root}.r{k}"
+    lineage = f"{root}.r{len(prior) + 1}"
     cache_id = f"{root}.auto{global_step:06d}"
     made = [iv for iv in ivs if iv.at_step == global_step]
     if made:
@@ -339,7 +426,7 @@ def rollback(ctx: RunContext, run_id: str, t: int, global_step: int, signals: st
             choice = choose_rollback_distance(ctx, chain, t)
         except NoRollbackCandidate as e:  # nothing to score yet: keep training
             ctx.tracker.set_tags({f"autonpo.skipped.{t}": str(e)})
-            return _rollback_result(run_id, run_id, run_id, t, 0, "", skipped=True)
+            return _result(RollbackOut(run_id, run_id, run_id, t, 0, "", True))
         delta, back = choice["delta"], choice["rollback_to"]
         ctx.db.record_intervention(
             root,
@@ -357,31 +444,48 @@ def rollback(ctx: RunContext, run_id: str, t: int, global_step: int, signals: st
         )
     fork_checkpoint(ctx.store, back[0], lineage, back[1], {"global_step": global_step})
     context_for(ctx, lineage)  # registers the lineage run
-    return _rollback_result(lineage, run_id, back[0], back[1], delta, cache_id)
+    return _result(RollbackOut(lineage, run_id, back[0], back[1], delta, cache_id, False))
 
 
-def _rollback_result(
-    lineage: str,
-    guide_run: str,
-    back_run: str,
-    back_step: int,
-    delta: int,
-    cache_id: str,
-    skipped: bool = False,
-) -> Result:
-    return {
-        "lineage_run_id": lineage,
-        "guide_run": guide_run,
-        "back_run": back_run,
-        "rollback_to": back_step,
-        "delta": delta,
-        "cache_id": cache_id,
-        "skipped": skipped,
-    }
+class KeepOut(NamedTuple):
+    run_id: str
+    policy_step: int
 
 
+@stage(KeepOut, opens_run=False)
+def keep(run_id: str, policy_step: int) -> Result:
+    """Pass where the run is through: the no-intervention branch's values for dsl.OneOf."""
+    return _result(KeepOut(run_id, policy_step))
+
+
+class ScheduleOut(NamedTuple):
+    run_id: str
+    policy_step: int
+    global_step: int
+
+
+@stage(ScheduleOut, retried=True)
+def schedule(ctx: RunContext, run_id: str, start: int, end: int) -> Result:
+    """NPO's rolling schedule over policy steps (start, end] in one task: each window's
+    look-ahead, guidance, verification and guided training, by the same flow a pipeline
+    runs as tasks (a DAG of one task per window would grow with the budget)."""
+    from npo.flow import InProcess
+    from npo.methods.schedule import run_segments
+
+    last = run_segments(InProcess(ctx), run_id, start, end)
+    return _result(ScheduleOut(last["run_id"], last["policy_step"], last["global_step"]))
+
+
+class EvaluateOut(NamedTuple):
+    accuracy: float
+
+
+@stage(EvaluateOut, ui=("metrics",))
 def evaluate(ctx: RunContext, run_id: str, step: int) -> Result:
     """Greedy pass@1 of checkpoint `step` of `run_id` on the whole eval set."""
+    from npo.steps.evaluate import eval_settings, evaluate_policy
+    from npo.training.state import load_train_state
+
     cfg = ctx.cfg
     loaded = load_train_state(ctx.store, run_id, step, cfg.model.dtype)
     metrics = evaluate_policy(
@@ -389,16 +493,20 @@ def evaluate(ctx: RunContext, run_id: str, step: int) -> Result:
     )
     final = {f"final/{k.split('/', 1)[-1]}": v for k, v in metrics.items()}
     ctx.tracker.log_metrics(final, step=int(loaded.state["global_step"]))
-    return {"accuracy": metrics["eval/accuracy"], "metrics": final}
+    return _result(EvaluateOut(metrics["eval/accuracy"]), metrics=final)
 
 
+class ReportOut(NamedTuple):
+    summary: dict
+
+
+@stage(ReportOut, ui=("markdown",))
 def report(ctx: RunContext) -> Result:
-    """Summary, plot and Markdown report of the run; marks it completed.
-
-    The files go to the run's output folder (report.md, report.png, summary.json and
-    metrics.jsonl, the history's export), to the artifact store under
-    `runs/<run>/report/` and to MLflow: on a cluster the task's own disk is gone after it."""
-    from npo.experiment import intervention_events, summarize
+    """The run's report (summary, curves, interventions): to the run's output folder, the
+    artifact store (`runs/<run>/report/`) and MLflow; marks the run completed."""
+    from npo.experiment import summarize
+    from npo.report import write_report
+    from npo.report_ui import events_of
 
     started = ctx.run_row().started_at
     wall = (datetime.now(UTC) - started).total_seconds() if started else float("nan")
@@ -409,7 +517,7 @@ def report(ctx: RunContext) -> Result:
         history,
         summary,
         title=f"{ctx.cfg.method} · {ctx.run_id}",
-        events=intervention_events(ctx.db, ctx.run_id),
+        events=events_of(ctx.db.interventions(ctx.run_id)),
     )
     summary["report"] = str(md)
     summary_path = ctx.run_dir / "summary.json"
@@ -421,7 +529,14 @@ def report(ctx: RunContext) -> Result:
         ctx.tracker.log_artifact(path, "report")
     ctx.db.set_run_status(ctx.run_id, "completed")
     ctx.tracker.finish("FINISHED")
-    return {"summary": summary, "markdown": md.read_text()}
+    return _result(ReportOut(_json_values(summary)), markdown=md.read_text())
+
+
+def _json_values(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary as strict JSON values (a KFP output): NaN/inf as None."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()
+    }
 
 
 def report_prefix(run_id: str) -> str:
@@ -429,18 +544,7 @@ def report_prefix(run_id: str) -> str:
     return f"runs/{run_id}/report/"
 
 
-STAGES: dict[str, Callable[..., Result]] = {
-    "prepare": prepare,
-    "train": train,
-    "guidance": guidance,
-    "verify": verify,
-    "detect": detect,
-    "rollback": rollback,
-    "evaluate": evaluate,
-    "report": report,
-}
-
-
+# --------------------------------------------------------------------------- running one
 def config_from_json(config: str) -> ExperimentConfig:
     """The experiment config a task got as its `config` parameter."""
     return ExperimentConfig.model_validate(json.loads(config))
@@ -450,6 +554,10 @@ def use_compute(cfg: ExperimentConfig) -> None:
     """Where and how this process computes for a run: torch threads, the policy device and
     the forward passes' dtype (every entry point that trains calls this: a stage, the
     in-process engine)."""
+    import torch
+
+    from npo.policy.model import use_compute_dtype, use_device
+
     torch.set_num_threads(cfg.train.threads)
     use_device(cfg.model.device)
     use_compute_dtype(cfg.model.compute_dtype)
@@ -460,8 +568,10 @@ def run_stage(name: str, config: str, progress: ProgressFn | None = None, **para
 
     The MLflow run stays open between stages (the report stage finishes it); a failing
     stage marks the run failed so a dead pipeline is visible, and a retry reopens it."""
-    if name not in STAGES:
+    if name not in STAGES or not STAGES[name].opens_run:
         raise ValueError(f"unknown stage {name!r}; one of {sorted(STAGES)}")
+    from transformers.utils import logging as hf_logging
+
     cfg = config_from_json(config)
     use_compute(cfg)
     # No tqdm bars from transformers in task logs (and none of the multiprocessing lock
@@ -471,7 +581,7 @@ def run_stage(name: str, config: str, progress: ProgressFn | None = None, **para
     ctx = open_run(cfg, progress=progress, lazy_tracking=True)
     try:
         ctx.db.set_run_status(ctx.run_id, "running")
-        result = STAGES[name](ctx, **params)
+        result = STAGES[name].fn(ctx, **params)
         ctx.tracker.flush()
         return result
     except BaseException:

@@ -77,16 +77,3 @@ def plan_segments(cfg: ExperimentConfig) -> list[Segment]:
     if cursor < steps:
         plan.append(Segment(cursor, steps))
     return plan
-
-
-def chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
-    """(start, end] cut into train tasks of at most `size` policy steps (one checkpoint
-    interval each, so a retried task loses at most one interval). The engine and the
-    pipeline builder cut alike, so both run the same tasks.
-
-    >>> chunks(0, 60, 25)
-    [(0, 25), (25, 50), (50, 60)]
-    >>> chunks(5, 5, 3)
-    []
-    """
-    return [(a, min(a + size, end)) for a in range(start, end, size)]

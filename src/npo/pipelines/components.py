@@ -1,238 +1,76 @@
-"""KFP lightweight components: one thin wrapper per stage of docs/stages-api.md.
+"""KFP lightweight components, generated from the stage declarations (npo.stages).
 
-Each body imports inside the function (KFP ships only the function's source to the pod) and
-hands its parameters to `npo.stepserver.call_stage`; the stage does the work, is idempotent
-and returns small values, which the wrapper returns as typed outputs (plus the Metrics and
-Markdown artifacts the KFP UI shows). No logic lives here.
+Each stage's component is a function written from its signature: the run's `config` (for
+stages that open the run), the stage's parameters with their types and defaults, an
+`Output[...]` artifact per UI output it declares, and a NamedTuple of its outputs; its
+body hands everything to `npo.pipelines.task.run_task`, and its docstring is the stage's.
+Nothing about a stage is written here, so nothing can drift from it.
 
-The functions are plain at import time; `make_components(image)` turns them into components
-for one image (which already has npo and kfp: nothing is pip-installed at run time).
+    source = component_source(STAGES["train"])       # the Python text KFP ships to pods
+    components = make_components("ghcr.io/npo-project/npo:0.1.0-cpu")
 
-This module deliberately has no `from __future__ import annotations`: KFP reads the
-annotations at decoration time and must see the real types, not strings.
+KFP ships a lightweight component's source to the pod (`inspect.getsource`), so the
+generated text is registered with `linecache` under a pseudo file name, as the standard
+library does for code without a file. The image already has npo and kfp: nothing is
+pip-installed at run time.
 """
 
-from typing import NamedTuple
+from __future__ import annotations
+
+import inspect
+import linecache
+from typing import Any, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Markdown, Metrics, Output
+from kfp.dsl.base_component import BaseComponent
 
-# Task names in pipeline YAML come from these function names; the stage each one runs is
-# in its body (`call_stage("<stage>", ...)`).
+from npo.stages import STAGES, UI_ARTIFACTS, Stage
 
-
-def prepare(config: str) -> NamedTuple(
-    "PrepareOutputs", [("run_id", str), ("eval_accuracy", float)]
-):
-    """Warm-up: the supervised start of the run, saved as checkpoint 0."""
-    from npo.stepserver import call_stage
-
-    out = call_stage("prepare", config=config)
-    return (out["run_id"], float(out["eval_accuracy"]))
+_TYPES = {str: "str", int: "int", float: "float", bool: "bool", dict: "dict", list: "list"}
 
 
-def train_segment(
-    config: str,
-    run_id: str,
-    start: int,
-    end: int,
-    guidance: str,
-    phase: str,
-    fork_from: str,
-    metrics: Output[Metrics],
-    curves: Output[Markdown],
-    plot: Output[HTML],
-) -> NamedTuple("TrainOutputs", [("run_id", str), ("policy_step", int), ("global_step", int)]):
-    """RL policy steps (start, end] of `run_id`, optionally guided by a verified cache."""
-    from npo.stepserver import call_stage
-
-    out = call_stage(
-        "train",
-        config=config,
-        run_id=run_id,
-        start=start,
-        end=end,
-        guidance=guidance,
-        phase=phase,
-        fork_from=fork_from,
-    )
-    for key, value in out["metrics"].items():
-        metrics.log_metric(key, float(value))
-    with open(curves.path, "w") as f:
-        f.write(out["markdown"])
-    with open(plot.path, "w") as f:
-        f.write(out["html"])
-    return (out["run_id"], int(out["policy_step"]), int(out["global_step"]))
+def _parameter(name: str, kind: type, default: Any) -> str:
+    text = f"{name}: {_TYPES[kind]}"
+    return text if default is inspect.Parameter.empty else f"{text} = {default!r}"
 
 
-def generate_guidance(
-    config: str,
-    cache_id: str,
-    guide_run: str,
-    guide_step: int,
-    current_run: str,
-    current_step: int,
-    start: int,
-    end: int,
-    pool_only: bool,
-    kind: str,
-    log_step: int = -1,
-) -> NamedTuple(
-    "GuidanceOutputs",
-    [
-        ("cache_id", str),
-        ("entries", int),
-        ("q_hat", float),
-        ("gap", float),
-        ("guide_accuracy", float),
-        ("current_accuracy", float),
-    ],
-):
-    """Cache the guide checkpoint's verified trajectories for the prompts of (start, end]
-    (guide_step -1: the guide run's latest checkpoint); guide statistics logged at log_step
-    (-1: at start)."""
-    from npo.stepserver import call_stage
-
-    out = call_stage(
-        "guidance",
-        config=config,
-        cache_id=cache_id,
-        guide_run=guide_run,
-        guide_step=guide_step,
-        current_run=current_run,
-        current_step=current_step,
-        start=start,
-        end=end,
-        pool_only=pool_only,
-        kind=kind,
-        log_step=log_step,
-    )
-    # An empty span (a skipped rollback) returns no accuracies: nothing was sampled.
+def component_source(stage: Stage) -> str:
+    """The Python source of `stage`'s component function (see the module docstring)."""
+    params = [f"{key}: Output[{UI_ARTIFACTS[key]}]" for key in stage.ui]
+    params += ["config: str"] if stage.opens_run else []
+    params += [_parameter(*p) for p in stage.parameters()]
+    fields = ", ".join(f"({n!r}, {_TYPES[t]})" for n, t in stage.output_types().items())
+    outputs = f"NamedTuple({stage.outputs.__name__!r}, [{fields}])"
+    doc = (inspect.getdoc(stage.fn) or stage.name).replace('"""', "'''")
+    body = "\n".join(f"    {line}" if line else "" for line in doc.splitlines())
+    signature = ",\n".join(f"    {p}" for p in params)
     return (
-        out["cache_id"],
-        int(out["entries"]),
-        float(out["q_hat"]),
-        float(out["gap"]),
-        float(out.get("guide_accuracy", 0.0)),
-        float(out.get("current_accuracy", 0.0)),
+        f"def {stage.name}(\n{signature},\n) -> {outputs}:\n"
+        f'    """{body.lstrip()}\n    """\n'
+        "    arguments = dict(locals())  # before the import below adds a name\n"
+        "    from npo.pipelines.task import run_task\n\n"
+        f"    return run_task({stage.name!r}, arguments)\n"
     )
 
 
-def verify(config: str, cache_id: str) -> NamedTuple(
-    "VerifyOutputs", [("cache_id", str), ("entries", int), ("verified", int)]
-):
-    """Re-verify every cached trajectory with the task's verifier (fails on a wrong one)."""
-    from npo.stepserver import call_stage
-
-    out = call_stage("verify", config=config, cache_id=cache_id)
-    return (out["cache_id"], int(out["entries"]), int(out["verified"]))
-
-
-def detect_plateau(config: str, run_id: str, t: int, global_step: int) -> NamedTuple(
-    "DetectOutputs",
-    [("intervene", bool), ("triggered", bool), ("confirmed", bool), ("signals", str)],
-):
-    """AutoNPO's trigger: stagnating reward with collapsing entropy, confirmed on the pool."""
-    from npo.stepserver import call_stage
-
-    out = call_stage("detect", config=config, run_id=run_id, t=t, global_step=global_step)
-    return (
-        bool(out["intervene"]),
-        bool(out["triggered"]),
-        bool(out["confirmed"]),
-        str(out["signals"]),
-    )
+def component_function(stage: Stage) -> Any:
+    """The component function of `stage`, with its source findable by `inspect`."""
+    source = component_source(stage)
+    filename = f"<npo component {stage.name}>"
+    # (size, mtime None: never checked against a file, lines, name), as linecache keeps it
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    # what the pod's module has too: KFP heads it with `from kfp.dsl import *` and typing's
+    namespace: dict[str, Any] = {"NamedTuple": NamedTuple, "Output": dsl.Output}
+    namespace |= {kind: getattr(dsl, kind) for kind in UI_ARTIFACTS.values()}
+    # dont_inherit: not this module's `from __future__ import annotations` (KFP reads types)
+    code = compile(source, filename, "exec", dont_inherit=True)
+    exec(code, namespace)  # our own generated text
+    return namespace[stage.name]
 
 
-def rollback(config: str, run_id: str, t: int, global_step: int, signals: str = "{}") -> NamedTuple(
-    "RollbackOutputs",
-    [
-        ("lineage_run_id", str),
-        ("guide_run", str),
-        ("back_run", str),
-        ("rollback_to", int),
-        ("delta", int),
-        ("cache_id", str),
-        ("skipped", bool),
-    ],
-):
-    """Choose Δ*, record the intervention with detect's signals and fork a new lineage at
-    t - Δ* (skipped: no candidate to score yet; the lineage stays, rollback_to = t)."""
-    from npo.stepserver import call_stage
-
-    out = call_stage(
-        "rollback", config=config, run_id=run_id, t=t, global_step=global_step, signals=signals
-    )
-    return (
-        out["lineage_run_id"],
-        out["guide_run"],
-        out["back_run"],
-        int(out["rollback_to"]),
-        int(out["delta"]),
-        out["cache_id"],
-        bool(out["skipped"]),
-    )
-
-
-def evaluate(config: str, run_id: str, step: int, metrics: Output[Metrics]) -> NamedTuple(
-    "EvaluateOutputs", [("accuracy", float)]
-):
-    """Greedy pass@1 of checkpoint `step` of `run_id` on the held-out problems."""
-    from npo.stepserver import call_stage
-
-    out = call_stage("evaluate", config=config, run_id=run_id, step=step)
-    for key, value in out["metrics"].items():
-        metrics.log_metric(key, float(value))
-    return (float(out["accuracy"]),)
-
-
-def report(config: str, markdown: Output[Markdown]) -> NamedTuple(
-    "ReportOutputs", [("summary", dict)]
-):
-    """The run's report: summary table, curves and interventions."""
-    from npo.stepserver import call_stage
-
-    out = call_stage("report", config=config)
-    with open(markdown.path, "w") as f:
-        f.write(out["markdown"])
-    return (out["summary"],)
-
-
-def keep(run_id: str) -> str:
-    """Pass a run id through: the no-intervention branch's value for dsl.OneOf."""
-    return run_id
-
-
-STAGE_FUNCTIONS = (
-    prepare,
-    train_segment,
-    generate_guidance,
-    verify,
-    detect_plateau,
-    rollback,
-    evaluate,
-    report,
-    keep,
-)
-
-
-class Components(NamedTuple):
-    """The components of one image, by stage."""
-
-    prepare: dsl.base_component.BaseComponent
-    train_segment: dsl.base_component.BaseComponent
-    generate_guidance: dsl.base_component.BaseComponent
-    verify: dsl.base_component.BaseComponent
-    detect_plateau: dsl.base_component.BaseComponent
-    rollback: dsl.base_component.BaseComponent
-    evaluate: dsl.base_component.BaseComponent
-    report: dsl.base_component.BaseComponent
-    keep: dsl.base_component.BaseComponent
-
-
-def make_components(image: str) -> Components:
+def make_components(image: str) -> dict[str, BaseComponent]:
     """Every stage as a lightweight component on `image` (kfp and npo preinstalled)."""
-    made = [
-        dsl.component(func, base_image=image, install_kfp_package=False) for func in STAGE_FUNCTIONS
-    ]
-    return Components(*made)
+    return {
+        name: dsl.component(component_function(st), base_image=image, install_kfp_package=False)
+        for name, st in STAGES.items()
+    }

@@ -12,10 +12,8 @@ from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
 from npo.config import ClusterConfig
+from npo.stages import Stage
 
-# Steps that write state (checkpoints, caches, lineages) and resume from the last committed
-# one when re-run: worth retrying after a lost node or a flaky store.
-RETRIED_STAGES = frozenset({"prepare", "train", "guidance", "rollback"})
 # What a step reads from its environment on a cluster, never from the compiled YAML: the S3
 # keys and endpoint, where the run's artifacts go, the metadata DB and MLflow URLs. The
 # config's default Secrets and ConfigMap supply them, and the chart creates those
@@ -28,21 +26,21 @@ STEP_ENVIRONMENT = (
     "NPO_METADATA_URL",
     "MLFLOW_TRACKING_URI",
 )
-# The bookkeeping task that only forwards a run id: no image-heavy settings.
-PASS_THROUGH = "keep"
 
 
-def apply_cluster(task: PipelineTask, stage: str, cluster: ClusterConfig) -> PipelineTask:
+def apply_cluster(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> PipelineTask:
     """Configure `task` (running `stage`) for the cluster and return it.
 
     Caching is off for every task: stages are idempotent through the store and must run
-    again when a run is resumed or repeated, which KFP's cache would skip.
+    again when a run is resumed or repeated, which KFP's cache would skip. A stage that
+    does not open the run (it only forwards values) gets nothing else; one that writes
+    state and resumes when re-run (`stage.retried`) is retried.
     """
     task.set_caching_options(enable_caching=False)
-    if stage == PASS_THROUGH:
+    if not stage.opens_run:
         return task
-    _resources(task, stage, cluster)
-    if stage in RETRIED_STAGES and cluster.retry.count > 0:
+    _resources(task, stage.name, cluster)
+    if stage.retried and cluster.retry.count > 0:
         retry = cluster.retry
         task.set_retry(
             num_retries=retry.count,

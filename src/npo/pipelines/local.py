@@ -13,7 +13,6 @@ kfp.local's own log (every task's inputs, outputs and output lines) goes to
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
@@ -110,14 +109,13 @@ class LocalPipelines:
         run_dir = ctx.run_dir
         ctx.db.close()
         ctx.tracker.flush()  # the MLflow run stays open: the report task finishes it
-        (run_dir / "summary.json").unlink(missing_ok=True)
         pipeline = build_pipeline(cfg, local=True)
         if not self._ready:
             self._server.wait_ready()
             self._ready = True
         # Workers take the task's environment, so per-run secrets travel with the tasks.
-        _run_dag(pipeline, run_dir, {**secret_env(cfg), **self._server.env()})
-        return _summary(run_dir)
+        summary = _run_dag(pipeline, run_dir, {**secret_env(cfg), **self._server.env()})
+        return dict(summary)
 
 
 def run_pipeline(
@@ -128,8 +126,9 @@ def run_pipeline(
         return pipelines.run(cfg, fresh=fresh)
 
 
-def _run_dag(pipeline: Any, run_dir: Path, env: dict[str, str]) -> None:
-    """Execute the pipeline with kfp.local; its log goes to `<run_dir>/pipeline.log`."""
+def _run_dag(pipeline: Any, run_dir: Path, env: dict[str, str]) -> Any:
+    """Execute the pipeline with kfp.local and return its output (the report's summary);
+    its log goes to `<run_dir>/pipeline.log`."""
     from kfp import local
 
     log_path = run_dir / "pipeline.log"
@@ -149,7 +148,7 @@ def _run_dag(pipeline: Any, run_dir: Path, env: dict[str, str]) -> None:
         )
         start = log.tell()
         try:
-            pipeline()
+            return pipeline().output
         except RuntimeError as e:
             sys.stdout.flush()
             raise PipelineFailed(_failure(str(e), log_path, start)) from None
@@ -170,10 +169,3 @@ def _failure(message: str, log_path: Path, start: int) -> str:
     reason = errors[-1].split("StageFailed: ", 1)[1] if errors else text
     where = f"task '{task.group(1)}'" if task else "a task"
     return f"{where} failed: {reason} (task logs: {log_path})"
-
-
-def _summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "summary.json"
-    if not path.exists():
-        raise PipelineFailed(f"the pipeline ended without a report ({path} is missing)")
-    return json.loads(path.read_text())

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from npo.config import ExperimentConfig
-from npo.pipelines.build import DESCRIPTIONS, pipeline_name
+from npo.methods import METHODS
+from npo.pipelines.build import pipeline_name
 from npo.pipelines.compile import pipeline_yaml
 
 HEALTHZ = "/apis/v2beta1/healthz"
@@ -123,7 +124,7 @@ def submit_experiment(client: Any, cfg: ExperimentConfig, host: str, experiment:
         package = Path(tmp) / f"{name}.yaml"
         package.write_text(text)
         pipeline_id, version_id = ensure_pipeline(
-            client, package, name, version, DESCRIPTIONS[cfg.method]
+            client, package, name, version, METHODS[cfg.method].description
         )
         exp = client.create_experiment(experiment)
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")

@@ -1,4 +1,6 @@
-"""Pipeline step: should AutoNPO intervene at policy step t?
+"""AutoNPO's trigger: should it intervene at policy step t? The train stage asks online,
+every `autonpo.check_every` steps, of the policy it trains (the detect stage asks of a
+checkpoint).
 
 Trigger = the EMA of the training reward stagnates over a window AND the policy entropy
 declines (exploration collapse), outside the cooldown and within the intervention budget;
@@ -14,7 +16,7 @@ from typing import Any
 
 from npo.algo.autonpo import cooldown_ok, detect_stagnation
 from npo.steps.context import RunContext
-from npo.steps.pool_rollout import pool_pass_rates
+from npo.steps.pool_rollout import Policy, pool_pass_rates
 
 
 @dataclass
@@ -31,14 +33,15 @@ class PlateauDecision:
 
 def detect_plateau(
     ctx: RunContext,
-    checkpoint: tuple[str, int],
+    policy: Policy,
+    t: int,
     global_step: int,
     last_intervention: int | None,
     interventions: int,
 ) -> PlateauDecision:
-    """Decide at the policy step of `checkpoint` (run_id, t), from history up to global_step."""
+    """Decide at policy step t, where `policy` (model, tokenizer) is, from the history up to
+    global_step; a trigger is confirmed by rolling `policy` out on the mistake pool."""
     acfg = ctx.cfg.autonpo
-    t = checkpoint[1]
     rows = [r for r in ctx.history(until_step=global_step) if r["step"] > 0]
     rows = [r for r in rows if "reward/mean" in r and "actor/entropy" in r]
     stag = detect_stagnation(
@@ -62,7 +65,7 @@ def detect_plateau(
     pool = ctx.db.mistakes_by_step(ctx.root_id, until_step=t)
     recent = list(dict.fromkeys(pid for s in sorted(pool, reverse=True) for pid in pool[s]))
     recent = recent[: acfg.confirm_prompts]
-    rates = pool_pass_rates(ctx, checkpoint, recent, stream=5) if recent else {}
+    rates = pool_pass_rates(ctx, policy, t, recent, stream=5) if recent else {}
     pool_pass = sum(rates.values()) / len(rates) if rates else None
     signals["pool_prompts"] = len(recent)
     signals["pool_pass_rate"] = pool_pass

@@ -7,13 +7,18 @@ resumes where the last committed checkpoint left off), then for each policy step
 responses for each of the step's prompts, verify, compute group advantages, run the clipped
 PPO update. Evaluates greedy pass@1 every `train.eval_every` steps and commits a checkpoint
 every `train.checkpoint_every` steps and at `end_step`.
+
+With a `watch` (AutoNPO), every `watch.every` policy steps before `end_step` it commits a
+checkpoint (a rollback target) and asks the watch whether to stop there: when it returns
+signals, the segment ends at that step and the checkpoint records them (`state["trigger"]`),
+so a retried task returns the same stop instead of training past it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -26,7 +31,7 @@ from npo.policy import stop_token_ids
 from npo.rollout import RolloutBatch, rollout
 from npo.steps.context import RunContext
 from npo.steps.evaluate import eval_settings, evaluate_policy
-from npo.store.checkpoint import list_checkpoints
+from npo.store.checkpoint import list_checkpoints, read_manifest
 from npo.tasks import Problem
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
 from npo.training.rl_step import ppo_update, sequence_logprobs
@@ -50,6 +55,29 @@ def rollout_metrics(
         "response/length_mean": float(lengths.mean()),
         "response/truncated_frac": 1.0 - float(ended.float().mean()),
     }
+
+
+class Watch(Protocol):
+    """Asked every `every` policy steps of a segment whether to stop there."""
+
+    every: int
+
+    def __call__(
+        self, model: PreTrainedModel, tokenizer: Any, step: int, global_step: int
+    ) -> dict[str, Any] | None:
+        """The signals to stop with at policy step `step`, or None to go on."""
+        ...
+
+
+def finished_state(ctx: RunContext, start_step: int, end_step: int) -> dict[str, Any] | None:
+    """The loop state the segment (start_step, end_step] ended with, read from its last
+    checkpoint's manifest, when it already ended (at end_step, or stopped by its watch);
+    None when there is training left. No weights are loaded."""
+    step = _resume_point(ctx, start_step, end_step)
+    state = read_manifest(ctx.store, ctx.run_id, step)["meta"]
+    if step == end_step or (step > start_step and state.get("trigger")):
+        return state
+    return None
 
 
 def _resume_point(ctx: RunContext, start_step: int, end_step: int) -> int:
@@ -113,14 +141,20 @@ def train_segment(
     ctx: RunContext,
     start_step: int,
     end_step: int,
-    source: TrajectorySource | None = None,
+    source: Callable[[], TrajectorySource | None] = lambda: None,
     phase: str = "grpo",
+    watch: Watch | None = None,
 ) -> dict[str, Any]:
     """Train policy steps start_step+1 .. end_step; with a `source` (NPO guidance, a LUFFY
-    teacher, an RLEP replay) its trajectories take slot G of the groups it picks.
+    teacher, an RLEP replay: made only when there is training left) its trajectories take
+    slot G of the groups it picks. A `watch` may stop the segment early (module docstring).
 
-    Returns the loop state at end_step: policy_step, global_step, phase, ...
+    Returns the loop state where the segment ended: policy_step, global_step, phase, and
+    `trigger` (the watch's signals) when the watch stopped it.
     """
+    done = finished_state(ctx, start_step, end_step)
+    if done is not None:  # a re-run of a finished task: nothing to load
+        return done
     cfg, algo, ro = ctx.cfg, ctx.cfg.algo, ctx.cfg.rollout
     step = _resume_point(ctx, start_step, end_step)
     loaded = load_train_state(ctx.store, ctx.run_id, step, cfg.model.dtype)
@@ -134,9 +168,11 @@ def train_segment(
     if algo.kl_coef > 0:
         # The reference is the warm-up policy of the experiment (branches included).
         ref_model = load_train_state(ctx.store, ctx.root_id, 0, cfg.model.dtype).model.eval()
-    if source is not None:
-        source.restore(loaded.extra)
+    slot_source = source()
+    if slot_source is not None:
+        slot_source.restore(loaded.extra)
     state = dict(loaded.state)
+    state.pop("trigger", None)  # a stop recorded at the start point is not this segment's
     if step < end_step:  # resuming mid-segment: rows past the checkpoint died with a crash
         truncate_history(ctx, state["global_step"])
 
@@ -158,8 +194,8 @@ def train_segment(
             group["lr"] = lr
         idx = batch_indices(len(train), ro.prompts_per_step, step - 1, cfg.seed)
         problems = [train[i] for i in idx]
-        if source is not None:
-            problems = source.select(problems, step)
+        if slot_source is not None:
+            problems = slot_source.select(problems, step)
         batch = rollout(ro, model, tokenizer, [p.prompt for p in problems], ro.group_size)
         t_rollout = time.perf_counter() - t0
         sampled_tokens = batch.num_response_tokens
@@ -172,13 +208,14 @@ def train_segment(
             _record_mistakes(ctx, step, problems, rewards)
         t1 = time.perf_counter()
         old, shaped, extra = None, None, {}
-        if source is not None:
+        if slot_source is not None:
             sampled, sampled_rewards = batch, rewards
             batch, rewards, old, guide_rows, extra = _mix_in(
-                ctx, model, batch, rewards, problems, source, tokenizer.pad_token_id
+                ctx, model, batch, rewards, problems, slot_source, tokenizer.pad_token_id
             )
-            source.observe(problems, sampled, sampled_rewards)  # after its pick: no self-replay
-            shaped = guide_rows if source.shaped else None
+            # after its pick: no self-replay
+            slot_source.observe(problems, sampled, sampled_rewards)
+            shaped = guide_rows if slot_source.shaped else None
         advantages = compute_advantages(algo.adv_estimator, rewards, algo.adv_eps).reshape(-1)
         metrics = ppo_update(
             model,
@@ -203,12 +240,17 @@ def train_segment(
         }
         state["global_step"] += 1
         state["policy_step"] = step
-        if step % cfg.train.eval_every == 0 or step == end_step:
+        # a check may end the segment: evaluate there too, as at every segment's end
+        checked = watch is not None and step % watch.every == 0 and step < end_step
+        if step % cfg.train.eval_every == 0 or step == end_step or checked:
             metrics |= evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(cfg))
         record_metrics(ctx, metrics, state["global_step"], step)
-        if step % cfg.train.checkpoint_every == 0 or step == end_step:
+        trigger = watch(model, tokenizer, step, state["global_step"]) if checked else None
+        if step % cfg.train.checkpoint_every == 0 or step == end_step or checked:
             state["phase"] = phase
             state["data_cursor"] = step * ro.prompts_per_step
+            if trigger is not None:
+                state["trigger"] = trigger
             manifest = save_train_state(
                 ctx.store,
                 ctx.run_id,
@@ -217,8 +259,10 @@ def train_segment(
                 tokenizer,
                 optimizer,
                 state,
-                extra=source.state_files() if source is not None else None,
+                extra=slot_source.state_files() if slot_source is not None else None,
             )
             record_checkpoint(ctx, step, manifest, {k: v for k, v in metrics.items() if "/" in k})
         ctx.progress(phase, step, total, metrics)
+        if trigger is not None:
+            break
     return state
