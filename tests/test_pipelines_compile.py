@@ -479,3 +479,31 @@ def test_compile_command_writes_one_yaml_per_config(tmp_path):
     bad = CliRunner().invoke(app, ["compile", str(tmp_path / "nope.yaml"), "--out", str(out)])
     assert bad.exit_code == 2
     assert "config file not found" in bad.stderr
+
+
+# --------------------------------------------------------------------------- task start
+def _modules_after(code: str) -> set[str]:
+    import subprocess
+
+    probe = f"import sys\n{code}\nprint('\\n'.join(sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    return set(done.stdout.split())
+
+
+def test_a_task_imports_nothing_heavy_before_its_stage_runs():
+    """A component's body needs only the step-server client: under `npo run` the warm
+    worker runs the stage, so the task process must not import torch or even pydantic."""
+    loaded = _modules_after("import npo.pipelines.task, npo.stepserver")
+    assert not {"torch", "transformers", "pydantic", "sqlalchemy"} & loaded
+
+
+def test_the_step_servers_preload_covers_what_the_stages_compute_with():
+    """npo.stages imports its implementations lazily: the zygote must import them itself,
+    or every local task pays torch's and transformers' import."""
+    loaded = _modules_after(
+        "from npo.pipelines.local import PRELOAD\nimport importlib\n"
+        "for m in PRELOAD: importlib.import_module(m)"
+    )
+    assert {"torch", "transformers.modeling_utils", "npo.steps.train_segment"} <= loaded

@@ -3,7 +3,9 @@
 Each stage's component is a function written from its signature: the run's `config` (for
 stages that open the run), the stage's parameters with their types and defaults, an
 `Output[...]` artifact per UI output it declares, and a NamedTuple of its outputs; its
-body hands everything to `npo.pipelines.task.run_task`, and its docstring is the stage's.
+body hands everything to `npo.pipelines.task.run_task` with the stage's UI keys and output
+types written out (so a task imports nothing of npo but the step-server client before its
+stage runs), and its docstring is the stage's.
 Nothing about a stage is written here, so nothing can drift from it.
 
     source = component_source(STAGES["train"])       # the Python text KFP ships to pods
@@ -40,6 +42,7 @@ def component_source(stage: Stage) -> str:
     params += ["config: str"] if stage.opens_run else []
     params += [_parameter(*p) for p in stage.parameters()]
     fields = ", ".join(f"({n!r}, {_TYPES[t]})" for n, t in stage.output_types().items())
+    returns = ", ".join(f"{n!r}: {_TYPES[t]}" for n, t in stage.output_types().items())
     outputs = f"NamedTuple({stage.outputs.__name__!r}, [{fields}])"
     doc = (inspect.getdoc(stage.fn) or stage.name).replace('"""', "'''")
     body = "\n".join(f"    {line}" if line else "" for line in doc.splitlines())
@@ -49,7 +52,8 @@ def component_source(stage: Stage) -> str:
         f'    """{body.lstrip()}\n    """\n'
         "    arguments = dict(locals())  # before the import below adds a name\n"
         "    from npo.pipelines.task import run_task\n\n"
-        f"    return run_task({stage.name!r}, arguments)\n"
+        f"    return run_task({stage.name!r}, arguments, {stage.ui!r}, {{{returns}}}, "
+        f"{stage.opens_run})\n"
     )
 
 

@@ -24,11 +24,23 @@ from typing import Any
 from npo.config import ExperimentConfig
 from npo.steps.context import ProgressFn, open_run
 
-# What the step server's zygote imports once, so that no task pays for it: the stages
-# (torch, transformers) and the libraries they import lazily on first use (MLflow and its
-# SQL store, Alembic for the metadata DB's migrations, matplotlib for the report).
+# What the step server's zygote imports once, so that no task pays for it: the stages'
+# implementations (torch, transformers; npo.stages itself imports them lazily) and the
+# libraries they import on first use (MLflow and its SQL store, Alembic for the metadata
+# DB's migrations, matplotlib for the report).
 PRELOAD = (
     "npo.stages",
+    "npo.methods",
+    "npo.steps.warmup",
+    "npo.steps.train_segment",
+    "npo.steps.generate_guidance",
+    "npo.steps.rollback",
+    "npo.steps.detect_plateau",
+    "npo.guidance.sources",
+    "npo.training.state",
+    "npo.report",
+    "npo.report_ui",
+    "transformers.utils.logging",
     "mlflow",
     "mlflow.store.tracking.sqlalchemy_store",
     "alembic.command",
