@@ -62,7 +62,7 @@ def test_grpo_pipeline_matches_the_direct_engine(tmp_path: Path) -> None:
     assert _comparable(rows) == _comparable(load_history(root / "direct" / "metrics.jsonl"))
     assert summary["final accuracy"] == direct["final accuracy"]
     # one train task for the whole budget: a retried task resumes from its checkpoint
-    assert _tasks(root / "pipe") == ["evaluate", "prepare", "report", "train"]
+    assert _tasks(root / "pipe") == ["configure", "evaluate", "prepare", "report", "train"]
     # a train task's KFP UI outputs: a Metrics artifact and the curves so far
     out = json.loads(next((root / "pipe" / "kfp").glob("*/train/executor_output.json")).read_text())
     assert out["parameterValues"] == {
@@ -120,7 +120,7 @@ def test_autonpo_pipeline_takes_the_intervention_branch(tmp_path: Path) -> None:
     # the If branch (rollback -> guidance -> verify -> replay on lineage r1); round 2 trained
     # r1 from 6 to the end (nothing fired: the Else branch's keep); round 3 and the last
     # train had nothing left and returned at once
-    round_1 = ["prepare", "train", "rollback", "guidance", "verify", "train-2"]
+    round_1 = ["configure", "prepare", "train", "rollback", "guidance", "verify", "train-2"]
     later = ["train-3", "keep-2", "train-5", "keep-3", "train-7", "evaluate", "report"]
     assert _tasks(root / "auto") == sorted(round_1 + later)
     outputs = {

@@ -111,15 +111,28 @@ def test_compiling_twice_gives_identical_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(COMPILED.glob("*.yaml")), ids=lambda p: p.stem)
-def test_compiled_yaml_loads_back_with_the_config_as_its_only_parameter(path):
+def test_compiled_yaml_loads_back_with_typed_ui_parameters_defaulting_to_the_config(path):
+    from npo.pipelines.parameters import pipeline_parameters
+
     component = kfp_components.load_component_from_file(str(path))
     cfg = load_config(CONFIGS / path.name)
     assert component.name == cfg.name.lower().replace("_", "-")
-    assert list(component.component_spec.inputs) == ["config"]
+    offered = pipeline_parameters(cfg)
+    assert list(component.component_spec.inputs) == sorted(p.name for p, _, _ in offered)
     spec, _ = load_spec(path.read_text())
-    default = spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
-    assert json.loads(default) == public_dump(cfg)
-    assert ExperimentConfig.model_validate(json.loads(default)) == cfg
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    kfp_type = {bool: "BOOLEAN", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING"}
+    for parameter, kind, value in offered:
+        assert inputs[parameter.name]["parameterType"] == kfp_type[kind]
+        assert inputs[parameter.name]["defaultValue"] == value
+    # the shape is compiled in: not offered, so the UI cannot contradict it
+    names = {p.name for p, _, _ in offered}
+    assert not names & {"train_steps", "method", "autonpo_max_interventions", "name"}
+    (configure,) = [
+        t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "config"
+    ]
+    base = configure["inputs"]["parameters"]["config"]["runtimeValue"]["constant"]
+    assert ExperimentConfig.model_validate(json.loads(base)) == cfg
     # The image has kfp and npo: nothing is installed when a task starts.
     text = path.read_text()
     assert "pip install" not in text
@@ -127,6 +140,39 @@ def test_compiled_yaml_loads_back_with_the_config_as_its_only_parameter(path):
         assert executor["container"]["image"] == cfg.cluster.image
         source = executor["container"]["command"][-1]
         assert "return run_task(" in source  # the stage's generated wrapper, nothing else
+
+
+def test_pipeline_parameters_are_written_into_the_config_and_refused_by_name():
+    from npo.config import ConfigError
+    from npo.pipelines.parameters import apply_parameters
+
+    cfg = toy("toy_autonpo")
+    base = json.dumps(public_dump(cfg))
+    # as KFP may hand them over: text
+    merged = json.loads(
+        apply_parameters(
+            base,
+            {
+                "algo.lr": "0.001",
+                "autonpo.window": "5.0",
+                "npo.guidance.importance_sampling": "false",
+            },
+        )
+    )
+    assert merged["algo"]["lr"] == 0.001 and merged["autonpo"]["window"] == 5
+    assert merged["npo"]["guidance"]["importance_sampling"] is False
+    assert json.loads(apply_parameters(base, {})) == public_dump(cfg)
+    with pytest.raises(
+        ConfigError,
+        match=r"pipeline parameter algo_lr \(algo\.lr\): Input should be greater than 0",
+    ):
+        apply_parameters(base, {"algo.lr": -1.0})
+    with pytest.raises(
+        ConfigError, match=r"pipeline parameter autonpo_window: '2\.5' is not an integer"
+    ):
+        apply_parameters(base, {"autonpo.window": "2.5"})
+    with pytest.raises(ConfigError, match=r"train\.steps is not a pipeline parameter"):
+        apply_parameters(base, {"train.steps": 10})
 
 
 # --------------------------------------------------------------------------- DAG size
@@ -177,7 +223,7 @@ def test_unguided_methods_train_in_one_task_then_evaluate_and_report(method):
     cfg = toy(f"toy_{method}")
     spec = compiled(cfg)
     tasks = root_tasks(spec)
-    assert set(tasks) == {"warm-up", "train", "evaluate", "report"}
+    assert set(tasks) == {"config", "warm-up", "train", "evaluate", "report"}
     train = tasks["train"]
     assert (constant(train, "start"), constant(train, "end")) == (0, cfg.train.steps)
     assert constant(train, "phase") == method
@@ -187,12 +233,16 @@ def test_unguided_methods_train_in_one_task_then_evaluate_and_report(method):
     evaluate = tasks["evaluate"]
     assert constant(evaluate, "step") == cfg.train.steps
     assert display(spec, producer(evaluate, "run_id")[0]) == "train"
-    assert [display(spec, t) for t in tasks["report"]["dependentTasks"]] == ["evaluate"]
+    # the configured config, and the evaluation it must follow
+    assert sorted(display(spec, t) for t in tasks["report"]["dependentTasks"]) == [
+        "config",
+        "evaluate",
+    ]
 
 
 def test_grpo_with_zero_steps_evaluates_the_warm_up():
     spec = compiled(toy("toy_grpo", "train.steps=0"))
-    assert set(root_tasks(spec)) == {"warm-up", "evaluate", "report"}
+    assert set(root_tasks(spec)) == {"config", "warm-up", "evaluate", "report"}
 
 
 # --------------------------------------------------------------------------- npo
@@ -201,6 +251,7 @@ def test_npo_guided_segments_look_ahead_then_guide_verify_and_train():
     spec = compiled(cfg)
     tasks = root_tasks(spec)
     assert set(tasks) == {
+        "config",
         "warm-up",
         "early · look-ahead",
         "early · guidance",
@@ -264,7 +315,7 @@ def test_npo_rolling_windows_run_in_one_schedule_task():
     )
     spec = compiled(cfg)
     tasks = root_tasks(spec)
-    assert set(tasks) == {"warm-up", "rolling", "evaluate", "report"}
+    assert set(tasks) == {"config", "warm-up", "rolling", "evaluate", "report"}
     rolling = tasks["rolling"]
     assert rolling["componentRef"]["name"] == "comp-schedule"
     assert (constant(rolling, "start"), constant(rolling, "end")) == (0, cfg.train.steps)
@@ -275,7 +326,7 @@ def test_rlep_caches_the_finished_runs_latest_checkpoint_for_the_whole_budget():
     spec = compiled(toy("toy_rlep"))
     tasks = root_tasks(spec)
     assert set(tasks) == {
-        "warm-up", "replay · guidance", "replay · verify", "train", "evaluate", "report"
+        "config", "warm-up", "replay · guidance", "replay · verify", "train", "evaluate", "report"
     }  # fmt: skip
     guide = tasks["replay · guidance"]
     assert constant(guide, "cache_id") == "toy-rlep.rlep000000"
@@ -348,7 +399,7 @@ def test_autonpo_unrolls_rounds_of_train_then_if_triggered_with_oneof():
 
 def test_autonpo_without_interventions_is_one_train():
     spec = compiled(toy("toy_autonpo", "autonpo.max_interventions=0"))
-    assert set(root_tasks(spec)) == {"warm-up", "round 1 · train", "evaluate", "report"}
+    assert set(root_tasks(spec)) == {"config", "warm-up", "round 1 · train", "evaluate", "report"}
 
 
 # --------------------------------------------------------------------------- kfp.local
@@ -362,7 +413,7 @@ FIRES = (10, 20)  # where a watching train's trigger fires
 
 def run_stage(name, config, progress=None, **params):
     with open(os.environ["FAKE_STAGE_LOG"], "a") as f:
-        f.write(json.dumps({"stage": name, **params}) + "\\n")
+        f.write(json.dumps({"stage": name, "config": json.loads(config), **params}) + "\\n")
     run, t = json.loads(config)["name"], params.get("t")
     if name == "prepare":
         return {"run_id": run, "eval_accuracy": 0.4}
@@ -417,9 +468,13 @@ def test_autonpo_pipeline_runs_under_kfp_local_in_the_flows_order(tmp_path, monk
         pipeline_root=str(tmp_path / "kfp"),
         raise_on_error=True,
     )
-    summary = build_pipeline(toy("toy_autonpo", "train.steps=30"), local=True)().output
+    pipeline = build_pipeline(toy("toy_autonpo", "train.steps=30"), local=True)
+    summary = pipeline(algo_lr=0.002, run_seed=7).output  # two UI parameters set
     assert summary == {"accuracy": 0.6}  # the pipeline's output: the report's summary
     calls = [json.loads(line) for line in log.read_text().splitlines()]
+    configs = {json.dumps(c.pop("config"), sort_keys=True) for c in calls}
+    (config,) = [json.loads(c) for c in configs]  # one config for every task...
+    assert (config["algo"]["lr"], config["seed"]) == (0.002, 7)  # ...with the UI's values
     brief = [(c["stage"], c.get("run_id"), c.get("start"), c.get("end")) for c in calls]
     assert brief == [
         ("prepare", None, None, None),

@@ -101,7 +101,7 @@ def test_every_stage_gets_the_credential_secrets_by_name(autonpo_default):
     stages = set()
     for stage, _, label in autonpo_default.stage_tasks():
         stages.add(stage)
-        if stage == "keep":  # forwards a string: no credentials, no resources
+        if stage in ("keep", "configure"):  # values in, values out: no credentials, resources
             assert autonpo_default.k8s(label) == {}
             continue
         assert secrets_of(autonpo_default.k8s(label)) == {
@@ -178,8 +178,11 @@ def test_accelerator_node_selector_tolerations_and_env_when_configured():
     stages = set()
     for stage, _, label in compiled.stage_tasks():
         stages.add(stage)
-        resources = compiled.container(label)["resources"]
         k8s = compiled.k8s(label)
+        if stage in ("keep", "configure"):  # placed like the others, nothing more
+            assert set(k8s) == {"nodeSelector", "tolerations"}
+            continue
+        resources = compiled.container(label)["resources"]
         if stage in {"train", "guidance"}:
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
             assert resources["accelerator"]["resourceCount"] == "2"
@@ -279,7 +282,7 @@ def test_cluster_defaults_are_valid_and_documented():
 def test_config_maps_are_env_by_name_and_a_variable_has_one_source():
     compiled = Compiled(compile_text("toy_grpo"))
     for stage, _, label in compiled.stage_tasks():
-        if stage == "keep":
+        if stage in ("keep", "configure"):
             continue
         (entry,) = compiled.k8s(label)["configMapAsEnv"]
         assert entry["configMapName"] == "npo-config"

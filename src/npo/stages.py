@@ -178,6 +178,20 @@ def _plateau(ctx: RunContext, policy: Any, t: int, global_step: int) -> Any:
 
 
 # --------------------------------------------------------------------------- stages
+class ConfigureOut(NamedTuple):
+    config: str
+
+
+@stage(ConfigureOut, opens_run=False)
+def configure(config: str, overrides: dict) -> Result:
+    """The run's config: the compiled config with the KFP UI's pipeline parameters
+    (`overrides`: field -> value) written in and validated, so a bad value fails the run
+    here, naming the parameter; every later task gets this config."""
+    from npo.pipelines.parameters import apply_parameters
+
+    return _result(ConfigureOut(apply_parameters(config, overrides)))
+
+
 class PrepareOut(NamedTuple):
     run_id: str
     eval_accuracy: float

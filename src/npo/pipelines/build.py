@@ -1,10 +1,11 @@
 """The experiment as a Kubeflow pipeline: the method's flow, executed as a DAG builder.
 
-`build_pipeline(cfg)` returns a `@dsl.pipeline` whose one parameter, `config`, defaults to
-the config as JSON (`public_dump`: no credentials). Its tasks are what `npo.methods.
-experiment` calls through a `Graph`: one task per stage call, display names from the
-flow's labels, `when` as dsl.If / dsl.Else merged by dsl.OneOf. The DAG grows with the
-method's decisions (AutoNPO's rounds, NPO's guided segments), never with train.steps.
+`build_pipeline(cfg)` returns a `@dsl.pipeline` with the config compiled in (`public_dump`:
+no credentials) and the fields that leave the DAG's shape alone as typed parameters for the
+KFP UI (npo.pipelines.parameters). Its tasks are what `npo.methods.experiment` calls
+through a `Graph`: one task per stage call, display names from the flow's labels, `when`
+as dsl.If / dsl.Else merged by dsl.OneOf. The DAG grows with the method's decisions
+(AutoNPO's rounds, NPO's guided segments), never with train.steps.
 
     from kfp import compiler
     compiler.Compiler().compile(build_pipeline(load_config("configs/toy_npo.yaml")), "x.yaml")
@@ -12,6 +13,7 @@ method's decisions (AutoNPO's rounds, NPO's guided segments), never with train.s
 No `from __future__ import annotations`: KFP reads the pipeline function's annotations.
 """
 
+import inspect
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -21,11 +23,13 @@ from kfp import dsl
 from kfp.dsl import PipelineTask
 from kfp.dsl.base_component import BaseComponent
 
+from npo import stages
 from npo.config import ExperimentConfig, public_dump
 from npo.flow import Branch, Outputs
 from npo.methods import METHODS, experiment
 from npo.pipelines.components import make_components
 from npo.pipelines.kubernetes import apply_cluster
+from npo.pipelines.parameters import pipeline_parameters
 from npo.stages import STAGES
 
 
@@ -88,19 +92,39 @@ class Graph:
 
 def build_pipeline(cfg: ExperimentConfig, *, local: bool = False) -> Any:
     """The experiment's `@dsl.pipeline`: the same graph for `kfp.compiler` and `kfp.local`.
-    Its output is the report's summary.
+
+    Its parameters are `pipeline_parameters(cfg)` (typed, defaulting to cfg's values); its
+    first task, `configure`, writes them into the compiled config, which every later task
+    gets; its output is the report's summary.
 
     local=True leaves out the `cluster:` settings: kfp.local ignores resources and Secrets
     (warning about each task) but honours retries, whose back-off would make a failing
     local stage wait minutes before the run fails."""
     components = make_components(cfg.cluster.image)
+    offered = pipeline_parameters(cfg)
 
-    @dsl.pipeline(
+    def pipeline(*values: Any) -> dict:
+        overrides = {p.field: value for (p, _, _), value in zip(offered, values, strict=True)}
+        graph = Graph(cfg, components, None, local)
+        base = json.dumps(public_dump(cfg))
+        graph.config = graph.call(stages.configure, "config", config=base, overrides=overrides)[
+            "config"
+        ]
+        return experiment(graph)["summary"]
+
+    # KFP reads the parameters from the signature and passes them positionally.
+    pipeline.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(
+                p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=kind
+            )
+            for p, kind, value in offered
+        ],
+        return_annotation=dict,
+    )
+    pipeline.__name__ = pipeline_name(cfg).replace("-", "_")
+    return dsl.pipeline(
         name=pipeline_name(cfg),
         display_name=cfg.name,
         description=METHODS[cfg.method].description,
-    )
-    def pipeline(config: str = json.dumps(public_dump(cfg))) -> dict:
-        return experiment(Graph(cfg, components, config, local))["summary"]
-
-    return pipeline
+    )(pipeline)

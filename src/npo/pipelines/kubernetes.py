@@ -32,11 +32,13 @@ def apply_cluster(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> P
     """Configure `task` (running `stage`) for the cluster and return it.
 
     Caching is off for every task: stages are idempotent through the store and must run
-    again when a run is resumed or repeated, which KFP's cache would skip. A stage that
-    does not open the run (it only forwards values) gets nothing else; one that writes
-    state and resumes when re-run (`stage.retried`) is retried.
+    again when a run is resumed or repeated, which KFP's cache would skip. Every task gets
+    the node selector and tolerations; a stage that does not open the run (it only handles
+    values) nothing else; one that writes state and resumes when re-run (`stage.retried`)
+    is retried.
     """
     task.set_caching_options(enable_caching=False)
+    _placement(task, cluster)  # every pod must be schedulable (tainted nodes, pools)
     if not stage.opens_run:
         return task
     _resources(task, stage.name, cluster)
@@ -49,7 +51,6 @@ def apply_cluster(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> P
             backoff_max_duration=retry.max_duration,
         )
     _environment(task, cluster)
-    _placement(task, cluster)
     return task
 
 
