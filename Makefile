@@ -28,12 +28,12 @@ test: install helm
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench pipelines
+	$(VENV)/bin/ruff format --check src tests bench pipelines
 
 format: install
-	$(VENV)/bin/ruff format src tests bench
-	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench pipelines
+	$(VENV)/bin/ruff check --fix src tests bench pipelines
 
 bench: install
 	$(PY) bench/throughput.py
@@ -44,10 +44,12 @@ bench: install
 services: install
 	$(PY) -m npo.devservices
 
-# Kubeflow pipeline YAML of every configs/*.yaml into pipelines/compiled/ (committed; a test
-# fails when it is stale). `npo submit CONFIG --host URL` compiles and runs one on a cluster.
+# Kubeflow pipeline YAML of every configs/*.yaml into pipelines/compiled/, and every stage's
+# component under components/ (committed; tests fail when either is stale).
+# `npo submit CONFIG --host URL` compiles and runs one on a cluster.
 compile: install
 	$(VENV)/bin/npo compile --out pipelines/compiled
+	$(VENV)/bin/npo components --out components
 
 # Re-resolve the pinned set from pyproject.toml (needs network to PyPI).
 lock:

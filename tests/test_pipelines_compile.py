@@ -562,3 +562,77 @@ def test_the_step_servers_preload_covers_what_the_stages_compute_with():
         "for m in PRELOAD: importlib.import_module(m)"
     )
     assert {"torch", "transformers.modeling_utils", "npo.steps.train_segment"} <= loaded
+
+
+# --------------------------------------------------------------------------- components/
+COMPONENTS = REPO / "components"
+
+
+def test_the_committed_components_are_current(tmp_path):
+    from npo.pipelines.compile import write_components
+    from npo.stages import STAGES
+
+    fresh = write_components(tmp_path)
+    assert {p.name for p in COMPONENTS.iterdir() if p.is_dir()} == set(STAGES)
+    for path in fresh:
+        committed = COMPONENTS / path.relative_to(tmp_path)
+        assert committed.read_bytes() == path.read_bytes(), (
+            f"{committed.relative_to(REPO)} is stale: run `make compile`"
+        )
+
+
+THEIRS = """
+from kfp import compiler, components, dsl
+
+evaluate = components.load_component_from_file("{root}/evaluate/component.yaml")
+keep = components.load_component_from_file("{root}/keep/component.yaml")
+assert set(evaluate.component_spec.inputs) == {{"config", "run_id", "step"}}
+assert set(evaluate.component_spec.outputs) == {{"accuracy", "metrics"}}
+
+
+@dsl.pipeline(name="theirs")
+def theirs(config: str, run: str) -> float:
+    kept = keep(run_id=run, policy_step=100)
+    return evaluate(config=config, run_id=kept.outputs["run_id"], step=100).outputs["accuracy"]
+
+
+compiler.Compiler().compile(theirs, "{out}")
+"""
+
+
+def test_a_component_loads_into_someone_elses_pipeline(tmp_path):
+    """Other KFP users take a stage from components/ by file: it loads with its typed
+    inputs and outputs, and their pipeline (their own file) compiles with it."""
+    import subprocess
+
+    out = tmp_path / "theirs.yaml"
+    script = tmp_path / "theirs.py"
+    script.write_text(THEIRS.format(root=COMPONENTS, out=out))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    spec = yaml.safe_load(out.read_text())
+    assert set(spec["root"]["dag"]["tasks"]) == {"keep", "evaluate"}
+    readme = (COMPONENTS / "train" / "README.md").read_text()
+    assert "| `watch` | bool | `False` |" in readme and "| `triggered` | bool |" in readme
+
+
+def test_the_pipelines_entry_point_compiles_what_is_committed(tmp_path):
+    import subprocess
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "pipelines/experiment.py",
+            "configs/toy_grpo.yaml",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "toy_grpo.yaml").read_bytes() == (COMPILED / "toy_grpo.yaml").read_bytes()

@@ -28,7 +28,7 @@ from npo.pipelines.compile import pipeline_yaml
 from npo.stages import STAGES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# The stages that write state and resume when re-run (docs/stages-api.md).
+# The stages that write state and resume when re-run (components/README.md).
 STATEFUL = {"prepare", "train", "guidance", "rollback", "schedule"}
 PASSWORD = "hunter2"
 

@@ -5,6 +5,7 @@
     npo eval CHECKPOINT [--config CONFIG]                   greedy pass@1 of a checkpoint
     npo show-config [CONFIG] [--set ...]                    the validated config as YAML
     npo compile [CONFIG ...] [--out pipelines/compiled]     Kubeflow pipeline YAML per config
+    npo components [--out components]                       a component YAML per stage
     npo submit CONFIG --host URL [--experiment N] [--wait]  run it on a Kubeflow cluster
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (config, paths) or an unreachable endpoint.
@@ -277,6 +278,19 @@ def compile_(
         except ConfigError as e:
             _fail(e)
         console.print(f"{path} -> {target}", markup=False, highlight=False)
+
+
+@app.command("components")
+def components_(
+    out: Annotated[Path, typer.Option(help="Folder of the component folders.")] = Path(
+        "components"
+    ),
+) -> None:
+    """Compile every stage to <out>/<stage>/component.yaml with a README (kfp-loadable)."""
+    from npo.pipelines.compile import write_components
+
+    for path in write_components(out):
+        console.print(str(path), markup=False, highlight=False)
 
 
 @app.command("prompt-template")

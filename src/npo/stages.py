@@ -4,7 +4,7 @@ A stage takes the open run (`RunContext`) and small typed parameters (ids, steps
 returns a dict of JSON values: the fields of its `outputs` NamedTuple, plus the KFP UI
 artifacts it names in `ui` ("metrics", "markdown", "html"). Heavy data stays in the artifact
 store. Its signature and docstring are its API: the KFP component (npo.pipelines.components)
-and docs/stages-api.md are generated from them, and both the KFP pipeline and the in-process
+and components/<stage>/ are generated from them, and both the KFP pipeline and the in-process
 engine call the stages through the same flows (npo.methods).
 
 `run_stage(name, config_json, **params)` opens the run from the config, runs one stage and
