@@ -3,14 +3,13 @@
     make kind-test        # NPO_KIND_E2E=1 pytest tests/kind; needs kind and a Docker engine
 
 Steps: create the cluster (pinned node image) -> `make images IMAGE_FLAVORS=cpu` and `kind
-load` the CPU image -> `make kfp-install` -> a hostPath ReadWriteMany PersistentVolume for
-the runs volume ->
-`make deploy VALUES=tests/kind/values-kind.yaml` -> port-forward the KFP API ->
-`npo submit configs/toy_autonpo.yaml --wait` with the chart's submit-args (ConfigMap
-npo-config) and a short budget -> checkpoints in the object store (minio SDK), rows in
-PostgreSQL, metrics in MLflow (each through a port-forward) -> `npo stage` a Qwen2-shaped
-model and math datasets into the chart's S3 and submit configs/math_autonpo.yaml at CPU
-size (its URIs, the CPU image) -> its checkpoints -> delete the cluster.
+load` the CPU image -> `make kfp-install` -> `make deploy VALUES=tests/kind/values-kind.yaml`
+-> port-forward the KFP API -> `npo submit configs/toy_autonpo.yaml --wait` with a short
+budget and nothing about the release (the steps read its ConfigMap npo-config) ->
+checkpoints in the object store (minio SDK), rows in PostgreSQL, metrics in MLflow (each
+through a port-forward) -> `npo stage` a Qwen2-shaped model and math datasets into the
+chart's S3 and submit configs/math_autonpo.yaml at CPU size (its URIs, the CPU image) ->
+its checkpoints -> delete the cluster.
 
 Skipped unless NPO_KIND_E2E=1 (`make test` never runs it), and skipped, saying why, when
 `kind`, `docker` or a reachable Docker daemon is missing. NPO_KIND_KEEP=1 keeps the
@@ -43,7 +42,6 @@ CLUSTER = os.environ.get("NPO_KIND_CLUSTER", "npo-e2e")
 NODE_IMAGE = os.environ.get("NPO_KIND_NODE_IMAGE", "kindest/node:v1.31.4")
 NAMESPACE = "kubeflow"
 RUN_NAME = "kind-e2e"
-RUNS_DIR = "/var/local/npo-runs"  # on the kind node: the runs volume's hostPath
 # A few minutes of CPU on one node: warm-up, two AutoNPO windows, checkpoints every 10 steps.
 SMALL_BUDGET = [
     f"name={RUN_NAME}",
@@ -92,18 +90,6 @@ REAL_BUDGET = [
     "cluster.memory_request=1Gi",
     "cluster.retry.count=1",
 ]
-RUNS_PV = f"""
-apiVersion: v1
-kind: PersistentVolume
-metadata:
-  name: npo-kind-runs
-spec:
-  capacity: {{storage: 2Gi}}
-  accessModes: [ReadWriteMany]
-  storageClassName: npo-kind-runs
-  persistentVolumeReclaimPolicy: Retain
-  hostPath: {{path: {RUNS_DIR}, type: Directory}}
-"""
 
 
 def _why_not() -> str | None:
@@ -218,7 +204,6 @@ def test_pipeline_run_on_kind_uses_the_charts_services(cluster: dict[str, str]) 
 
     env = cluster
     image = ClusterConfig().image
-    k = kubectl()
 
     # 1. the CPU image, built here and loaded into the node (nothing is pulled for it)
     if sh(["make", "-n", "images"], env, timeout=60, check=False).returncode != 0:
@@ -229,30 +214,18 @@ def test_pipeline_run_on_kind_uses_the_charts_services(cluster: dict[str, str]) 
     # 2. Kubeflow Pipelines (pinned release, standalone)
     sh(["make", "kfp-install"], env, timeout=3600)
 
-    # 3. the runs volume: a ReadWriteMany hostPath PV (one node), writable by any uid
-    sh(["docker", "exec", f"{CLUSTER}-control-plane", "sh", "-c",
-        f"mkdir -p {RUNS_DIR} && chmod 1777 {RUNS_DIR}"], env, timeout=60)  # fmt: skip
-    manifest = ROOT / ".tools" / "kind-runs-pv.yaml"
-    manifest.write_text(RUNS_PV)
-    sh([k, "apply", "-f", str(manifest)], env, timeout=60)
-
-    # 4. the chart
+    # 3. the chart
     sh(["make", "deploy", f"NAMESPACE={NAMESPACE}", "VALUES=tests/kind/values-kind.yaml"],
        env, timeout=1200)  # fmt: skip
-    submit_args = sh(
-        [k, "-n", NAMESPACE, "get", "configmap", "npo-config",
-         "-o", "jsonpath={.data.submit-args}"], env, timeout=60,
-    ).stdout  # fmt: skip
-    assert "cluster.runs_volume=npo-runs" in submit_args
 
-    # 5. a short AutoNPO run through the KFP API
+    # 4. a short AutoNPO run through the KFP API
     with port_forward(env, "ml-pipeline", 8888) as api:
         host = f"http://127.0.0.1:{api}"
         overrides = [a for s in SMALL_BUDGET for a in ("--set", s)]
         done = sh(
             [str(Path(sys.executable).with_name("npo")), "submit",
              "configs/toy_autonpo.yaml", "--host", host, "--experiment", "npo-kind-e2e",
-             "--wait", "--timeout", "3600", *shlex.split(submit_args), *overrides],
+             "--wait", "--timeout", "3600", *overrides],
             env, timeout=4000, check=False,
         )  # fmt: skip
         assert done.returncode == 0, f"npo submit --wait failed:\n{done.stdout}\n{done.stderr}"
@@ -260,7 +233,7 @@ def test_pipeline_run_on_kind_uses_the_charts_services(cluster: dict[str, str]) 
         # the chart's settings leave no state on a pod's own disk: no cluster warnings
         assert not [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
 
-    # 6. checkpoints in the object store
+    # 5. checkpoints in the object store
     from minio import Minio
 
     access = secret(env, "npo-s3", "AWS_ACCESS_KEY_ID")
@@ -276,7 +249,7 @@ def test_pipeline_run_on_kind_uses_the_charts_services(cluster: dict[str, str]) 
         manifests = [key for key in keys if "/ckpt/" in key and key.endswith("manifest.json")]
         assert len(manifests) >= 2, keys[:50]  # warm-up checkpoint 0 and later ones
 
-    # 7. rows in PostgreSQL
+    # 6. rows in PostgreSQL
     import sqlalchemy as sa
 
     url = sa.make_url(secret(env, "npo-metadata-db", "NPO_METADATA_URL"))
@@ -295,7 +268,7 @@ def test_pipeline_run_on_kind_uses_the_charts_services(cluster: dict[str, str]) 
             engine.dispose()
     assert runs >= 1 and checkpoints >= 2
 
-    # 8. metrics in MLflow
+    # 7. metrics in MLflow
     import mlflow
 
     with port_forward(env, "npo-mlflow", 5000) as port:
@@ -307,7 +280,7 @@ def test_pipeline_run_on_kind_uses_the_charts_services(cluster: dict[str, str]) 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
             assert resp.status == 200
 
-    # 9. the real-model config, at CPU size: a Qwen2-shaped model and math datasets staged
+    # 8. the real-model config, at CPU size: a Qwen2-shaped model and math datasets staged
     # into the chart's object store with `npo stage`, named by URI only
     from helpers import CHAT_TEMPLATE, write_tiny_hf_model
 
@@ -330,8 +303,7 @@ def test_pipeline_run_on_kind_uses_the_charts_services(cluster: dict[str, str]) 
                      for a in ("--set", s)]  # fmt: skip
         done = sh(
             [npo, "submit", "configs/math_autonpo.yaml", "--host", f"http://127.0.0.1:{api}",
-             "--experiment", "npo-kind-e2e", "--wait", "--timeout", "3600",
-             *shlex.split(submit_args), *overrides],
+             "--experiment", "npo-kind-e2e", "--wait", "--timeout", "3600", *overrides],
             env, timeout=4000, check=False,
         )  # fmt: skip
         assert done.returncode == 0, f"npo submit --wait failed:\n{done.stdout}\n{done.stderr}"
