@@ -1,32 +1,23 @@
 """Fake stages for tests/test_stepserver.py: a `run_stage` with the real one's signature.
 
-IMPORT_PID records which process imported this module: under a step server, the zygote
-(once), not each worker.
+IMPORT_PID records which process imported this module: under a step server, its worker
+(once, before serving).
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 if os.environ.get("NPO_FAKE_DIE_ON_IMPORT"):
-    os._exit(5)  # a zygote that dies while warming up
+    os._exit(5)  # a worker that dies while warming up
 
 IMPORT_PID = os.getpid()
-
-if os.environ.get("NPO_FAKE_EXIT_DIR"):
-    # An import-time exit action: the importing process's, not its forked workers'.
-    _exit_dir = Path(os.environ["NPO_FAKE_EXIT_DIR"])
-    atexit.register(lambda: (_exit_dir / f"exit-{os.getpid()}").touch())
 
 Progress = Callable[[str, int, int, dict[str, float]], None]
 
@@ -88,36 +79,12 @@ def _sleep(
     return {"slept": seconds, "pid": os.getpid()}
 
 
-_POOLS: list[ThreadPoolExecutor] = []
-
-
-def _linger(progress: Progress, directory: str) -> dict[str, Any]:
-    """Leave work for interpreter exit: a non-daemon thread, then an atexit handler."""
-    thread_file, atexit_file = Path(directory, "thread"), Path(directory, "atexit")
-
-    def late_write() -> None:
-        time.sleep(0.3)
-        thread_file.write_text("done")
-
-    threading.Thread(target=late_write).start()
-    _POOLS.append(ThreadPoolExecutor(1))  # kept alive, never shut down: the exit does it
-    _POOLS[-1].submit(time.sleep, 0.05)
-    atexit.register(lambda: atexit_file.write_text(f"thread done first: {thread_file.exists()}"))
-    return {"lingering": True}
-
-
 def _wrong_type(progress: Progress) -> Any:
     return [1, 2]
 
 
-def _signal_default(progress: Progress) -> dict[str, Any]:
-    """The worker's signal dispositions, as a fresh process has them."""
-    return {
-        "sigint_default": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
-        "sigterm": str(signal.getsignal(signal.SIGTERM)),
-        "sigchld": str(signal.getsignal(signal.SIGCHLD)),
-        "wakeup_fd": signal.set_wakeup_fd(-1),
-    }
+def _system_exit(progress: Progress, code: int) -> dict[str, Any]:
+    raise SystemExit(code)
 
 
 STAGES: dict[str, Callable[..., Any]] = {
@@ -131,8 +98,7 @@ STAGES: dict[str, Callable[..., Any]] = {
     "kill": _kill,
     "sleep": _sleep,
     "wrong_type": _wrong_type,
-    "signals": _signal_default,
-    "linger": _linger,
+    "system_exit": _system_exit,
 }
 
 
@@ -142,7 +108,7 @@ def run_stage(name: str, progress: Progress, **params: Any) -> Any:
 
 
 def _torch_sum(progress: Progress, n: int) -> dict[str, Any]:
-    """A torch op in the worker (torch is preloaded by the zygote, never used there)."""
+    """A torch op in the worker (torch preloaded)."""
     import torch
 
     return {

@@ -1,6 +1,6 @@
-"""npo.stepserver: a stage run by a warm step server behaves as if run in a fresh process.
+"""npo.stepserver: a stage run by the warm worker behaves as if run by the task itself.
 
-The stages are fakes (tests/stepserver_fake_stages.py); the zygote imports them from tests/
+The stages are fakes (tests/stepserver_fake_stages.py); the worker imports them from tests/
 through PYTHONPATH in the server's env. One server serves the whole module; tests that stop
 or break a server start their own.
 """
@@ -29,6 +29,7 @@ from npo.stepserver import (
     StepServer,
     call_stage,
 )
+from npo.stepserver.client import ENV_SERVER_KEY
 
 TESTS = str(Path(__file__).resolve().parent)
 FAKE = "stepserver_fake_stages"
@@ -67,16 +68,11 @@ def _children() -> set[int]:
 
 
 def _descendants(besides: StepServer) -> list[str]:
-    """Command lines of this process's live descendants, except the zygote of `besides` (the
-    module's server) with its workers, multiprocessing's resource tracker (a per-parent
-    singleton, started by any spawn) and what other tests left running before this module
-    (session-wide test services: an S3 server, PostgreSQL)."""
+    """Command lines of this process's live descendants, except the worker of `besides` (the
+    module's server) and what other tests left running before this module (session-wide
+    test services: an S3 server, PostgreSQL)."""
     psutil = pytest.importorskip("psutil")
-    kept = (
-        _PREEXISTING
-        | {besides.zygote_pid}
-        | {p.pid for p in psutil.Process(besides.zygote_pid).children(recursive=True)}
-    )
+    kept = _PREEXISTING | {besides.worker_pid}
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
@@ -125,7 +121,8 @@ def server(events: Events) -> Iterator[StepServer]:
 def remote(server: StepServer, events: Events, monkeypatch: pytest.MonkeyPatch) -> StepServer:
     """call_stage goes to the module's server."""
     events.events.clear()
-    monkeypatch.setenv(ENV_SERVER, server.address)
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
     return server
 
 
@@ -136,12 +133,15 @@ def local(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_RUNNER, RUNNER)
 
 
-def _both(monkeypatch: pytest.MonkeyPatch, address: str, name: str, **params: Any) -> list[Any]:
+def _both(
+    monkeypatch: pytest.MonkeyPatch, server: StepServer, name: str, **params: Any
+) -> list[Any]:
     """call_stage's outcome (result or StageFailed) through the server, then in-process."""
     outcomes = []
-    for env in ({ENV_SERVER: address}, {ENV_RUNNER: RUNNER}):
+    for env in (server.env(), {ENV_RUNNER: RUNNER}):
         with monkeypatch.context() as m:
             m.delenv(ENV_SERVER, raising=False)
+            m.delenv(ENV_SERVER_KEY, raising=False)
             for key, value in env.items():
                 m.setenv(key, value)
             try:
@@ -171,7 +171,7 @@ def test_import_is_light() -> None:
 def test_server_and_in_process_results_are_equal(
     server: StepServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    remote, direct = _both(monkeypatch, server.address, "compute", a=2, b=3, config='{"x": 1}')
+    remote, direct = _both(monkeypatch, server, "compute", a=2, b=3, config='{"x": 1}')
     assert remote == direct
     # JSON values in both modes: the tuple is a list, the int key a string
     assert remote == {"sum": 5, "pair": [2, 3], "by_int": {"1": "one"}, "config": '{"x": 1}'}
@@ -180,7 +180,7 @@ def test_server_and_in_process_results_are_equal(
 def test_stage_exception_raises_stage_failed_with_traceback(
     server: StepServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for exc in _both(monkeypatch, server.address, "fail", message="no gold answer"):
+    for exc in _both(monkeypatch, server, "fail", message="no gold answer"):
         assert isinstance(exc, StageFailed)
         assert isinstance(exc, RuntimeError)
         text = str(exc)
@@ -194,7 +194,7 @@ def test_stage_exception_raises_stage_failed_with_traceback(
 def test_non_dict_result_fails_in_both_modes(
     server: StepServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for exc in _both(monkeypatch, server.address, "wrong_type"):
+    for exc in _both(monkeypatch, server, "wrong_type"):
         assert isinstance(exc, StageFailed)
         assert "returned list, expected a dict" in str(exc)
 
@@ -204,20 +204,26 @@ def test_stage_failed_pickles() -> None:
     assert (exc.stage, exc.error, exc.traceback_text) == ("train", "ValueError: x", "Traceback ...")
 
 
+def test_a_stage_exiting_fails_its_call_and_the_worker_goes_on(remote: StepServer) -> None:
+    """SystemExit in a stage is the stage's failure, not the worker's end."""
+    with pytest.raises(StageFailed, match="stage 'system_exit' failed: SystemExit: 3"):
+        call_stage("system_exit", code=3)
+    assert call_stage("compute", a=1, b=1)["sum"] == 2
+
+
 @pytest.mark.parametrize(
-    ("stage", "params", "expected"),
-    [
-        ("exit", {"code": 3}, "exited with status 3"),
-        ("kill", {"signum": int(signal.SIGKILL)}, "killed by signal 9 (SIGKILL)"),
-    ],
+    ("stage", "params"), [("exit", {"code": 3}), ("kill", {"signum": int(signal.SIGKILL)})]
 )
-def test_worker_that_dies_without_replying(
-    remote: StepServer, stage: str, params: dict[str, Any], expected: str
+def test_a_worker_that_dies_fails_its_call_and_a_new_one_serves(
+    stage: str, params: dict[str, Any]
 ) -> None:
-    with pytest.raises(StageFailed, match=f"stage '{stage}' failed") as info:
-        call_stage(stage, **params)
-    assert expected in str(info.value)
-    assert call_stage("compute", a=1, b=1)["sum"] == 2  # the server is still serving
+    with _server() as dying:
+        first = dying.worker_pid
+        with pytest.raises(StageFailed, match=f"stage '{stage}' failed: lost the connection"):
+            call_stage_at(dying, stage, **params)
+        dying.wait_ready()  # what each local pipeline run does first: a new worker
+        assert dying.worker_pid not in (None, first)
+        assert call_stage_at(dying, "compute", a=1, b=1)["sum"] == 2
 
 
 def test_unreachable_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -226,17 +232,22 @@ def test_unreachable_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         call_stage("compute", a=1, b=1)
 
 
-# -- process semantics ----------------------------------------------------------------------
+def test_a_wrong_key_is_refused(server: StepServer) -> None:
+    from npo.stepserver.client import _call_remote
+
+    with pytest.raises(StageFailed, match="cannot reach the step server"):
+        _call_remote(server.address, "compute", {"a": 1, "b": 1}, key=b"not the key")
 
 
-def test_zygote_imports_stages_once_and_forks_per_call(remote: StepServer) -> None:
+# -- the task's process ---------------------------------------------------------------------
+
+
+def test_the_worker_imports_the_stages_once_and_runs_every_call(remote: StepServer) -> None:
     first, second = call_stage("pids"), call_stage("pids")
-    assert first["import_pid"] == second["import_pid"] == remote.zygote_pid
-    assert first["pid"] != second["pid"]
-    assert remote.zygote_pid not in (first["pid"], second["pid"])
+    assert first == second == {"import_pid": remote.worker_pid, "pid": remote.worker_pid}
 
 
-def test_client_environment_and_cwd_reach_the_stage(
+def test_client_environment_and_cwd_reach_the_stage_and_are_restored(
     remote: StepServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("NPO_FAKE_VALUE", "from the task")
@@ -244,47 +255,23 @@ def test_client_environment_and_cwd_reach_the_stage(
     result = call_stage("environment", key="NPO_FAKE_VALUE")
     assert result == {"value": "from the task", "cwd": str(tmp_path)}
     monkeypatch.delenv("NPO_FAKE_VALUE")
-    assert call_stage("environment", key="NPO_FAKE_VALUE")["value"] is None
-
-
-def test_worker_signals_are_a_fresh_process_s(remote: StepServer) -> None:
-    result = call_stage("signals")
-    assert result["sigint_default"]
-    assert result["wakeup_fd"] == -1  # the zygote's SIGCHLD wake-up pipe is not inherited
-    assert result["sigterm"] == result["sigchld"] == str(signal.SIG_DFL)
-
-
-def test_worker_exits_like_an_interpreter(remote: StepServer, tmp_path: Path) -> None:
-    """After the reply, the worker waits for non-daemon threads and runs atexit handlers
-    (the client hanging up once it has its answer does not cut that short)."""
-    assert call_stage("linger", directory=str(tmp_path)) == {"lingering": True}
-    assert _wait_for((tmp_path / "atexit").exists)
-    assert (tmp_path / "atexit").read_text() == "thread done first: True"
-
-
-def test_zygote_exit_actions_are_not_run_by_workers(tmp_path: Path) -> None:
-    """An atexit handler registered at import (in the zygote) runs when the zygote exits,
-    never in a worker, whose exit would otherwise undo the zygote's import-time state."""
-    with _server(env={"PYTHONPATH": TESTS, "NPO_FAKE_EXIT_DIR": str(tmp_path)}) as server:
-        workers = {call_stage_at(server.address, "pids")["pid"] for _ in range(3)}
-        assert _wait_for(lambda: not any(_alive(pid) for pid in workers))
-        zygote = server.zygote_pid
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"exit-{zygote}"]
+    monkeypatch.chdir(TESTS)
+    assert call_stage("environment", key="NPO_FAKE_VALUE") == {"value": None, "cwd": TESTS}
 
 
 def test_progress_reaches_on_progress_in_order(remote: StepServer, events: Events) -> None:
     assert call_stage("progress", n=5) == {"n": 5}
-    # delivered before the reply: the worker waits for each acknowledgement
+    assert _wait_for(lambda: len(events.events) == 5)  # relayed on the listener thread
     assert events.events == [
         ("phase", i + 1, 5, {"x": float(i), "y": float(2 * i)}) for i in range(5)
     ]
 
 
-def test_concurrent_calls(remote: StepServer) -> None:
+def test_concurrent_calls_take_turns(remote: StepServer) -> None:
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda s: call_stage("sleep", seconds=s), [0.3, 0.2, 0.1, 0.3]))
     assert [r["slept"] for r in results] == [0.3, 0.2, 0.1, 0.3]
-    assert len({r["pid"] for r in results}) == 4
+    assert {r["pid"] for r in results} == {remote.worker_pid}
 
 
 def test_stage_output_goes_to_the_task_log(server: StepServer) -> None:
@@ -305,7 +292,7 @@ def test_stage_output_goes_to_the_task_log(server: StepServer) -> None:
     assert out.stderr.splitlines() == ["hello on stderr"]
 
 
-def test_without_on_progress_workers_log_progress_to_the_task() -> None:
+def test_without_on_progress_the_worker_logs_progress_to_the_task() -> None:
     code = "from npo.stepserver import call_stage\ncall_stage('progress', n=20)\n"
     with _server() as server:
         remote = subprocess.run(
@@ -345,7 +332,7 @@ def test_progress_logger_throttles_per_phase(capsys: pytest.CaptureFixture[str])
 # -- start and stop -------------------------------------------------------------------------
 
 
-def test_zygote_failing_to_start_is_reported(server: StepServer) -> None:
+def test_a_worker_failing_to_start_is_reported(server: StepServer) -> None:
     failing = StepServer(runner="no_such_module_anywhere:run_stage", preload=())
     with pytest.raises(RuntimeError, match="failed to start") as info, failing:
         pass
@@ -354,100 +341,69 @@ def test_zygote_failing_to_start_is_reported(server: StepServer) -> None:
     dying = StepServer(
         runner=RUNNER, preload=(FAKE,), env={"PYTHONPATH": TESTS, "NPO_FAKE_DIE_ON_IMPORT": "1"}
     )
-    with pytest.raises(RuntimeError, match=r"died during start-up \(exit code 5\)"), dying:
+    with pytest.raises(RuntimeError, match="failed to start: it exited with status 5"), dying:
         pass
     assert _descendants(besides=server) == []
 
 
-def test_exit_ends_zygote_workers_and_their_subprocesses(
-    server: StepServer, tmp_path: Path
-) -> None:
-    pid_file = tmp_path / "pids"
+def test_close_stops_the_worker_and_removes_its_socket(server: StepServer, tmp_path: Path) -> None:
     outcome: list[Any] = []
-
-    def blocked_task(address: str) -> None:
-        try:
-            outcome.append(call_stage_at(address, "sleep", seconds=60, pid_file=str(pid_file)))
-        except StageFailed as exc:
-            outcome.append(exc)
+    pid_file = tmp_path / "pids"
 
     with _server(stop_grace_s=1.0) as stopped:
-        zygote, address = stopped.zygote_pid, stopped.address
-        socket_dir = Path(address).parent
-        thread = threading.Thread(target=blocked_task, args=(address,))
+        worker, socket_dir = stopped.worker_pid, Path(stopped.address).parent
+
+        def blocked_task() -> None:
+            try:
+                outcome.append(call_stage_at(stopped, "sleep", seconds=60, pid_file=str(pid_file)))
+            except StageFailed as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=blocked_task)
         thread.start()
         assert _wait_for(pid_file.exists)
-        worker, grandchild = map(int, pid_file.read_text().split())
-        assert _alive(worker) and _alive(grandchild)
     thread.join(10)
     assert isinstance(outcome[0], StageFailed)
-    assert "killed by signal 15 (SIGTERM)" in str(outcome[0])
-    assert zygote is not None and not _alive(zygote)
-    assert _wait_for(lambda: not _alive(worker) and not _alive(grandchild))
+    assert "lost the connection" in str(outcome[0])
+    assert worker is not None and not _alive(worker)
     assert not socket_dir.exists()
-    assert _descendants(besides=server) == []
     stopped.close()  # idempotent
 
 
-def test_workers_die_with_a_killed_zygote(server: StepServer, tmp_path: Path) -> None:
-    pid_file = tmp_path / "pids"
-    outcome: list[Any] = []
-
-    def blocked_task(address: str) -> None:
-        try:
-            call_stage_at(address, "sleep", seconds=60, pid_file=str(pid_file), grandchild=False)
-        except StageFailed as exc:
-            outcome.append(exc)
-
-    with _server() as killed:
-        thread = threading.Thread(target=blocked_task, args=(killed.address,))
-        thread.start()
-        assert _wait_for(pid_file.exists)
-        worker = int(pid_file.read_text().split()[0])
-        assert killed.zygote_pid is not None
-        os.kill(killed.zygote_pid, signal.SIGKILL)
-        assert _wait_for(lambda: not _alive(worker))  # PR_SET_PDEATHSIG
-        thread.join(10)
-    assert "lost the connection to the step server" in str(outcome[0])
-    assert _descendants(besides=server) == []
+def test_the_worker_exits_with_its_parent(tmp_path: Path) -> None:
+    """A parent that is killed (no close) leaves no worker behind."""
+    pid_file = tmp_path / "worker"
+    code = (
+        "import sys, time\nfrom npo.stepserver import StepServer\n"
+        f"s = StepServer(runner={RUNNER!r}, preload=({FAKE!r},), env={{'PYTHONPATH': {TESTS!r}}})\n"
+        "s.start()\nopen(sys.argv[1], 'w').write(str(s.worker_pid))\ntime.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code, str(pid_file)])
+    try:
+        assert _wait_for(pid_file.exists, timeout_s=60)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        parent.kill()
+        parent.wait()
+        assert _wait_for(lambda: not _alive(worker))
+    finally:
+        parent.kill()
+        parent.wait()
 
 
-def call_stage_at(address: str, name: str, **params: Any) -> dict[str, Any]:
-    """call_stage against `address` without touching os.environ (other threads read it)."""
+def call_stage_at(server: StepServer, name: str, **params: Any) -> dict[str, Any]:
+    """call_stage against `server` without touching os.environ (other threads read it)."""
     from npo.stepserver.client import _call_remote
 
-    return _call_remote(address, name, params)
-
-
-def test_client_hanging_up_stops_its_worker(server: StepServer, tmp_path: Path) -> None:
-    pid_file = tmp_path / "pids"
-    code = (
-        "import sys\nfrom npo.stepserver import call_stage\n"
-        "call_stage('sleep', seconds=60, pid_file=sys.argv[1])\n"
-    )
-    client = subprocess.Popen(
-        [sys.executable, "-c", code, str(pid_file)],
-        env=_client_env(**server.env()),
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        assert _wait_for(pid_file.exists, timeout_s=30)
-        worker, grandchild = map(int, pid_file.read_text().split())
-        client.kill()  # like a killed KFP task
-        client.wait()
-        assert _wait_for(lambda: not _alive(worker) and not _alive(grandchild))
-    finally:
-        client.kill()
-        client.wait()
+    key = bytes.fromhex(server.env()[ENV_SERVER_KEY])
+    return _call_remote(server.address, name, params, key)
 
 
 @pytest.mark.slow
-def test_torch_preloaded_zygote_forks_working_workers(recwarn: pytest.WarningsRecorder) -> None:
-    """The zygote imports torch without using it (no thread warning); workers run ops."""
+def test_a_torch_preloaded_worker_runs_torch_ops() -> None:
     with _server(preload=("torch", FAKE)) as server:
-        results = [call_stage_at(server.address, "torch_sum", n=1000) for _ in range(2)]
+        results = [call_stage_at(server, "torch_sum", n=1000) for _ in range(2)]
     assert [r["sum"] for r in results] == [499500.0, 499500.0]
-    assert not [w for w in recwarn if "zygote" in str(w.message)]
 
 
 # -- latency --------------------------------------------------------------------------------

@@ -589,7 +589,7 @@ def run_stage(name: str, config: str, progress: ProgressFn | None = None, **para
     cfg = config_from_json(config)
     use_compute(cfg)
     # No tqdm bars from transformers in task logs (and none of the multiprocessing lock
-    # tqdm creates per process, which a forked step-server worker would leak).
+    # tqdm creates per process, which the long-lived step-server worker would keep).
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     ctx = open_run(cfg, progress=progress, lazy_tracking=True)

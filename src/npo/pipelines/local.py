@@ -4,8 +4,8 @@ container, no network).
 
 A task's component calls `npo.stepserver.call_stage`; here NPO_STEP_SERVER points it at a
 warm step server, so a task does not pay the ~5 s import of torch and transformers: the
-server forks a worker with everything imported, which runs the stage with the task's
-environment and stdout. Progress events of the workers reach `progress` (the CLI's bars).
+server's worker has everything imported and runs the stage with the task's environment,
+working directory and stdout. Its progress events reach `progress` (the CLI's bars).
 kfp.local's own log (every task's inputs, outputs and output lines) goes to
 `<run_dir>/pipeline.log`.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from npo.config import ExperimentConfig
 from npo.steps.context import ProgressFn, open_run
 
-# What the step server's zygote imports once, so that no task pays for it: the stages'
+# What the step server's worker imports once, so that no task pays for it: the stages'
 # implementations (torch, transformers; npo.stages itself imports them lazily) and the
 # libraries they import on first use (MLflow and its SQL store, Alembic for the metadata
 # DB's migrations, matplotlib for the report).
@@ -91,14 +91,13 @@ class LocalPipelines:
             for cfg in configs:
                 summary = pipelines.run(cfg)
 
-    Entering launches the step server's zygote without waiting for it: its imports (torch,
+    Entering starts the step server's worker without waiting for it: its imports (torch,
     transformers: seconds) overlap with opening the first run here."""
 
     def __init__(self, progress: ProgressFn | None = None) -> None:
         from npo.stepserver import StepServer
 
         self._server = StepServer(preload=PRELOAD, on_progress=progress)
-        self._ready = False
 
     def __enter__(self) -> LocalPipelines:
         self._server.launch()
@@ -122,9 +121,7 @@ class LocalPipelines:
         ctx.db.close()
         ctx.tracker.flush()  # the MLflow run stays open: the report task finishes it
         pipeline = build_pipeline(cfg, local=True)
-        if not self._ready:
-            self._server.wait_ready()
-            self._ready = True
+        self._server.wait_ready()  # at once when it serves; a new worker if one died
         # Workers take the task's environment, so per-run secrets travel with the tasks.
         summary = _run_dag(pipeline, run_dir, {**secret_env(cfg), **self._server.env()})
         return dict(summary)

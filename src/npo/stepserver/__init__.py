@@ -1,13 +1,14 @@
-"""Run pipeline stages in a pre-warmed process: a task costs milliseconds, not an import of
-torch and transformers.
+"""Run pipeline stages in a warm process: a task costs milliseconds, not an import of torch
+and transformers.
 
 Task side (every pipeline component): `call_stage(name, config=..., **params)`. With
 NPO_STEP_SERVER set it asks that server; otherwise it runs the stage here. Either way the
 stage sees the same parameters, environment, working directory and stdout/stderr, and a
 failure raises `StageFailed` with the stage's traceback.
 
-Parent side (`npo run`): `with StepServer(on_progress=...) as server:` spawns a zygote that
-imports the stages once and forks a worker per call; `server.env()` is what tasks need.
+Parent side (`npo run`): `with StepServer(on_progress=...) as server:` starts one worker
+(`python -m npo.stepserver.worker`) that imports the stages once and runs the calls in
+turn, behind a `multiprocessing.connection` listener; `server.env()` is what tasks need.
 
 Importing this package stays light (stdlib only); `StepServer` loads on first use.
 """
@@ -20,6 +21,7 @@ from npo.stepserver.client import (
     DEFAULT_RUNNER,
     ENV_RUNNER,
     ENV_SERVER,
+    ENV_SERVER_KEY,
     ProgressLogger,
     StageFailed,
     call_stage,
@@ -33,6 +35,7 @@ __all__ = [
     "DEFAULT_RUNNER",
     "ENV_RUNNER",
     "ENV_SERVER",
+    "ENV_SERVER_KEY",
     "ProgressLogger",
     "StageFailed",
     "StepServer",
@@ -42,7 +45,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The server side (multiprocessing, threading) is not needed by tasks: load it lazily.
+    # The server side (subprocess, threading) is not needed by tasks: load it lazily.
     if name == "StepServer":
         from npo.stepserver.server import StepServer
 

@@ -1,7 +1,10 @@
 """The task side: `call_stage` runs one stage, through a warm step server or in this process.
 
 Stdlib only and imported by every pipeline task: nothing heavy (torch, transformers, the
-stages themselves) may be imported at module level.
+stages themselves) may be imported at module level. A call to the server is one
+`multiprocessing.connection` exchange (authenticated with the server's key): the request,
+this process's stdout and stderr descriptors (`multiprocessing.reduction.send_handle`),
+then the reply.
 """
 
 from __future__ import annotations
@@ -9,14 +12,12 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from npo.stepserver.protocol import ConnectionLost, encode, recv_frame, send_frame
-
-ENV_SERVER = "NPO_STEP_SERVER"
+ENV_SERVER = "NPO_STEP_SERVER"  # the server's unix socket path
+ENV_SERVER_KEY = "NPO_STEP_SERVER_KEY"  # its authkey, hex
 ENV_RUNNER = "NPO_STAGE_RUNNER"
 DEFAULT_RUNNER = "npo.stages:run_stage"
 
@@ -96,6 +97,11 @@ def json_result(stage: str, result: Any) -> dict[str, Any]:
     return json.loads(encode(result))
 
 
+def encode(message: dict[str, Any]) -> str:
+    """A message as JSON (NaN/inf allowed: metrics may hold them)."""
+    return json.dumps(message, separators=(",", ":"))
+
+
 def call_stage(name: str, **params: Any) -> dict[str, Any]:
     """Run stage `name` with `params` (JSON values) and return its result dict.
 
@@ -118,10 +124,10 @@ def _call_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:
         import traceback  # only on failure: keeps the import of this module light
 
-        raise StageFailed(name, _describe(exc), traceback.format_exc()) from exc
+        raise StageFailed(name, describe(exc), traceback.format_exc()) from exc
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -145,29 +151,40 @@ def _open_stdio() -> list[int]:
     return fds
 
 
-def _call_remote(address: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with sock:
-        try:
-            sock.connect(address)
-        except OSError as exc:
-            raise StageFailed(name, f"cannot reach the step server at {address}: {exc}") from exc
+def _call_remote(
+    address: str, name: str, params: dict[str, Any], key: bytes | None = None
+) -> dict[str, Any]:
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+    from multiprocessing.reduction import send_handle
+
+    if key is None:
+        key = bytes.fromhex(os.environ.get(ENV_SERVER_KEY, ""))
+    try:
+        conn = Client(address, family="AF_UNIX", authkey=key or None)
+    except (OSError, EOFError, AuthenticationError) as exc:
+        raise StageFailed(name, f"cannot reach the step server at {address}: {exc}") from exc
+    with conn:
         fds = _open_stdio()
         request = {
             "name": name,
             "params": params,
             "env": dict(os.environ),
             "cwd": os.getcwd(),
-            "fds": fds,  # where the worker installs the descriptors sent with the request
+            "fds": fds,  # where the worker installs the descriptors sent after the request
         }
         try:
-            send_frame(sock, request, fds)
-            # Blocks for as long as the stage runs; closing (e.g. Ctrl-C here) stops it.
-            reply = recv_frame(sock)
-        except (ConnectionLost, OSError) as exc:
+            conn.send(request)
+            for fd in fds:
+                send_handle(conn, fd, 0)  # SCM_RIGHTS over the unix socket
+            # Blocks for as long as the stage runs.
+            reply = conn.recv()
+        except (EOFError, OSError) as exc:
             raise StageFailed(
-                name, f"lost the connection to the step server at {address}: {exc}"
+                name,
+                f"lost the connection to the step server at {address} (its worker died?): "
+                f"{type(exc).__name__}",
             ) from exc
-    if reply.get("ok"):
-        return reply["result"]
-    raise StageFailed(name, reply.get("error", "unknown error"), reply.get("traceback", ""))
+    if reply[0] == "ok":
+        return reply[1]
+    raise StageFailed(name, reply[1], reply[2])
