@@ -567,8 +567,8 @@ def test_a_task_imports_nothing_heavy_before_its_stage_runs():
 
 
 def test_the_step_servers_preload_covers_what_the_stages_compute_with():
-    """npo.stages imports its implementations lazily: the step server's worker must import them itself,
-    or every local task pays torch's and transformers' import."""
+    """npo.stages imports its implementations lazily: the step server's worker must import
+    them itself, or every local task pays torch's and transformers' import."""
     loaded = _modules_after(
         "from npo.pipelines.local import PRELOAD\nimport importlib\n"
         "for m in PRELOAD: importlib.import_module(m)"
