@@ -21,34 +21,31 @@ from npo.methods.common import guide_and_verify
 
 def autonpo_flow(f: Flow, run_id: Any) -> Any:
     """The RL phase (module docstring); returns the run id (lineage) to evaluate."""
-    steps, rounds = f.cfg.train.steps, f.cfg.autonpo.max_interventions
+    rounds = f.cfg.autonpo.max_interventions
     at: Outputs = {"run_id": run_id, "policy_step": 0}
     for k in range(1, rounds + 1):
         label = f"round {k}"
-        trained = f.call(
-            stages.train,
-            f"{label} · train",
-            run_id=at["run_id"],
-            start=at["policy_step"],
-            end=steps,
-            phase="autonpo",
-            watch=True,
-        )
+        trained = _train_on(f, f"{label} · train", at, watch=True)
         at = f.when(
             trained["triggered"],
             partial(_intervene, f, label, trained),
             partial(_carry_on, f, label, trained),
             name=f"{label} · intervene",
         )
-    final = f.call(
+    return _train_on(f, f"round {rounds + 1} · train", at)["run_id"]
+
+
+def _train_on(f: Flow, label: str, at: Outputs, **extra: Any) -> Outputs:
+    """Train from where the run is (`at`: run id, policy step) to the end of the budget."""
+    return f.call(
         stages.train,
-        f"round {rounds + 1} · train",
+        label,
         run_id=at["run_id"],
         start=at["policy_step"],
-        end=steps,
+        end=f.cfg.train.steps,
         phase="autonpo",
+        **extra,
     )
-    return final["run_id"]
 
 
 def _intervene(f: Flow, label: str, trained: Outputs) -> Outputs:
