@@ -62,7 +62,10 @@ def test_a_watching_train_stops_at_the_trigger_and_a_retry_returns_the_same(tmp_
         assert ctx.history() == rows  # nothing trained twice
     finally:
         ctx.db.close()
-    # the next round starts where this one stopped: that stop is not its own
+    # an empty replay there (a skipped rollback) and the next round start where this one
+    # stopped: that stop is not theirs
+    empty = stages.run_stage("train", config, **{**watch, "start": 6, "end": 6})
+    assert (empty["policy_step"], empty["triggered"]) == (6, False)
     on = stages.run_stage("train", config, **{**watch, "start": 6, "watch": False})
     assert (on["policy_step"], on["global_step"], on["triggered"]) == (9, 9, False)
 

@@ -75,8 +75,10 @@ def finished_state(ctx: RunContext, start_step: int, end_step: int) -> dict[str,
     None when there is training left. No weights are loaded."""
     step = _resume_point(ctx, start_step, end_step)
     state = read_manifest(ctx.store, ctx.run_id, step)["meta"]
-    if step == end_step or (step > start_step and state.get("trigger")):
+    if step > start_step and state.get("trigger"):
         return state
+    if step == end_step:  # an empty segment (start = end) must not report an older stop
+        return {k: v for k, v in state.items() if k != "trigger"}
     return None
 
 
