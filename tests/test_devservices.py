@@ -29,6 +29,7 @@ import pytest
 
 from npo.devservices.stack import ENV_NAMES
 
+pytestmark = pytest.mark.slow  # starts and stops real services
 ANY_PORT = ["--s3-port", "0", "--pg-port", "0", "--mlflow-port", "0"]
 PRIVATE_FILES = {"env.sh", "state.json", "s3/s3.json"}  # the only places credentials live
 

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from npo.algo import token_logprobs
 from npo.config import AlgoConfig, ModelConfig, RolloutConfig
 from npo.policy import build_char_tokenizer, init_policy, load_policy, save_policy, stop_token_ids
-from npo.policy.model import add_stop_tokens, stop_token_id
+from npo.policy.model import add_stop_tokens, stop_token_id, use_attention
 from npo.rollout import RolloutBatch, hf, response_mask_from_ids, rollout, sample
 from npo.training.forward import response_logits
 from npo.training.rl_step import ppo_update, sequence_logprobs
@@ -152,6 +152,31 @@ def test_load_policy_in_another_dtype(tiny_policy, tmp_path):
     save_policy(model, tok, tmp_path)
     loaded, _ = load_policy(tmp_path, "bfloat16")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("source", ["tiny", "/some/hf/folder"])
+def test_the_attention_kernels_a_run_asks_for(source):
+    cfg = ModelConfig(source=source)
+    assert cfg.attn_implementation() == ("eager" if source == "tiny" else None)
+    assert ModelConfig(source=source, attention="sdpa").attn_implementation() == "sdpa"
+
+
+def test_eager_attention_builds_and_loads_and_gives_the_sdpa_logits(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    save_policy(model, tok, tmp_path)
+    batch = draw(model, tok)
+    args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    try:
+        use_attention("eager")
+        built, _ = init_policy(ModelConfig(), "0123456789+=", seed=0)
+        loaded, _ = load_policy(tmp_path)
+    finally:
+        use_attention(None)
+    assert built.config._attn_implementation == loaded.config._attn_implementation == "eager"
+    assert load_policy(tmp_path)[0].config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        on = batch.response_mask.bool()
+        assert_close(response_logits(loaded, *args)[on], response_logits(model, *args)[on])
 
 
 def test_load_policy_without_config_json_names_the_folder(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
@@ -23,10 +22,6 @@ def _history(steps: int = 40, eval_every: int = 10) -> list[dict]:
             row["eval/length_mean"] = 5.0
         rows.append(row)
     return rows
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(report).failed == 0
 
 
 def test_smooth_matches_loop() -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-
-from npo import report_compare
 from npo.report_compare import RunCurves, steps_to_threshold, write_comparison
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,10 +25,6 @@ AUTO_EVENTS = [
     {"step": 25, "label": "guide from step 40", "kind": "late"},
     {"step": 15, "label": "guide from step 22", "kind": "auto"},
 ]
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(report_compare).failed == 0
 
 
 def test_steps_to_threshold() -> None:

@@ -5,7 +5,6 @@ One store per module: creating an MLflow SQLite database runs its migrations (~1
 
 from __future__ import annotations
 
-import doctest
 import logging
 import math
 import warnings
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from npo.config import TrackingConfig
-from npo.store import tracking
 from npo.store.tracking import MlflowTracker, NullTracker, default_tracking_uri, make_tracker
 
 mlflow = pytest.importorskip("mlflow")
@@ -41,10 +39,6 @@ def _no_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _history(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-def test_flatten_params_doctest() -> None:
-    assert doctest.testmod(tracking).failed == 0
 
 
 def test_params_metrics_and_finish(store, client, caplog) -> None:

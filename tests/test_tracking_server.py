@@ -24,6 +24,7 @@ from npo.devservices.mlflowserver import free_port
 from npo.store.tracking import MlflowTracker, TrackingUnavailable, make_tracker
 
 mlflow = pytest.importorskip("mlflow")
+pytestmark = pytest.mark.slow  # a real MLflow server
 
 
 @pytest.fixture(autouse=True)

@@ -137,12 +137,25 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the policy trains and samples: auto = cuda when visible."
     )
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto",
+        description="The attention kernels (transformers' attn_implementation). auto = "
+        "eager for the built-in tiny model, whose short sequences run faster as plain "
+        "matmuls than through SDPA on CPU (a GRPO update ~25% faster), else transformers' "
+        "default for the checkpoint.",
+    )
     stop_tokens: list[str] = Field(
         default_factory=list,
         description="Tokens that end a response besides the tokenizer's EOS, e.g. "
         "'<|im_end|>' when a base model gets chat-format prompts; each must be a single "
         "token of the tokenizer. The checkpoint's generation_config EOS ids also stop.",
     )
+
+    def attn_implementation(self) -> str | None:
+        """What `attention` asks transformers for (None = its default)."""
+        if self.attention == "auto":
+            return "eager" if self.source == "tiny" else None
+        return self.attention
 
     @model_validator(mode="after")
     def _compute_not_wider(self) -> ModelConfig:
@@ -189,7 +202,8 @@ class RolloutConfig(_Strict):
     backend: Literal["hf", "vllm"] = Field(
         "hf",
         description="Generation backend of training rollouts and guidance: hf "
-        "(transformers, anywhere) or vllm (CUDA GPU, the vllm extra). Evaluation is greedy HF.",
+        "(transformers, anywhere) or vllm (CUDA GPU, the vllm extra). Greedy evaluation uses "
+        "train.eval_backend.",
     )
     vllm_gpu_memory_utilization: float = Field(
         0.5,
@@ -342,7 +356,7 @@ class AutoNPOConfig(_Strict):
     )
     v_floor: float = Field(1e-3, gt=0, description="Floor of the variance proxy V̂(Δ).")
     cooldown: int = Field(
-        30, ge=0, description="Policy steps after an intervention before another."
+        30, ge=0, description="Updates (global steps) after an intervention before another."
     )
     max_interventions: int = Field(3, ge=0, description="At most this many interventions.")
     force_at: list[int] = Field(
@@ -536,8 +550,8 @@ class ClusterConfig(_Strict):
     )
     retry: RetryConfig = Field(
         default_factory=RetryConfig,
-        description="Retry policy of the stateful steps (prepare, train, guidance, rollback): "
-        "they resume from the last committed checkpoint.",
+        description="Retry policy of the stateful steps (prepare, train, guidance, rollback, "
+        "schedule): they resume from the last committed checkpoint.",
     )
 
     @model_validator(mode="after")

@@ -565,16 +565,17 @@ def config_from_json(config: str) -> ExperimentConfig:
 
 
 def use_compute(cfg: ExperimentConfig) -> None:
-    """Where and how this process computes for a run: torch threads, the policy device and
-    the forward passes' dtype (every entry point that trains calls this: a stage, the
-    in-process engine)."""
+    """Where and how this process computes for a run: torch threads, the policy device,
+    the forward passes' dtype and attention kernels (every entry point that trains calls
+    this: a stage, the in-process engine)."""
     import torch
 
-    from npo.policy.model import use_compute_dtype, use_device
+    from npo.policy.model import use_attention, use_compute_dtype, use_device
 
     torch.set_num_threads(cfg.train.threads)
     use_device(cfg.model.device)
     use_compute_dtype(cfg.model.compute_dtype)
+    use_attention(cfg.model.attn_implementation())
 
 
 def run_stage(name: str, config: str, progress: ProgressFn | None = None, **params: Any) -> Result:

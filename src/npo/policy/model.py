@@ -29,6 +29,7 @@ from npo.store.inputs import fetch_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _device = torch.device("cpu")  # where loaded policies go; set per run by use_device
 _compute_dtype: torch.dtype | None = None  # autocast dtype of forwards; set by use_compute_dtype
+_attention: str | None = None  # attn_implementation of built or loaded policies; use_attention
 
 
 def use_device(name: str) -> torch.device:
@@ -50,6 +51,14 @@ def use_compute_dtype(name: str | None) -> torch.dtype | None:
     global _compute_dtype
     _compute_dtype = None if name is None else DTYPES[name]
     return _compute_dtype
+
+
+def use_attention(name: str | None) -> None:
+    """Build and load this process's policies with attention kernels `name` (transformers'
+    attn_implementation; None = its default, sdpa). Set per run, like `use_device`: the
+    choice is not saved with a checkpoint."""
+    global _attention
+    _attention = name
 
 
 def forward_dtype(model: PreTrainedModel) -> torch.dtype:
@@ -88,7 +97,7 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",
+        attn_implementation=_attention or "sdpa",
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -170,7 +179,9 @@ def load_policy(
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(_device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], attn_implementation=_attention
+    ).to(_device)
     _plain_generation_config(model, tokenizer)
     return model, tokenizer
 

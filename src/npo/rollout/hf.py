@@ -1,11 +1,16 @@
-"""Rollouts with Hugging Face `generate`: batched sampling with the KV cache.
+"""Rollouts on a Hugging Face model: batched sampling with its KV cache.
 
 `sample(model, tokenizer, prompts, n, ...)` draws `n` responses per prompt and returns a
 `RolloutBatch` whose behaviour log-probs are those of the tempered distribution we sampled
 from (no top-k / top-p: see npo.policy.model). Greedy decoding (eval) is `temperature=0`.
 A response ends at the first of the model's stop ids (`npo.policy.stop_token_ids`).
-`generate` runs in the run's compute dtype (`npo.policy.model.compute_context`); the
+Sampling runs in the run's compute dtype (`npo.policy.model.compute_context`); the
 recorded log-probs are float32 log-softmax of the logits it sampled from.
+
+The decoding loop is the model's own forward with its KV cache rather than `generate`:
+the G rows of a group then share one pass over their prompt (generate would run the
+prompt once per row, which is most of the work for short answers), and no logits
+processors run that would have to be switched off to keep the distribution plain.
 """
 
 from __future__ import annotations
@@ -72,38 +77,28 @@ def _generate(
     temperature: float,
     max_new_tokens: int,
 ) -> RolloutBatch:
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    greedy = temperature <= 0
+    """One response per entry of `prompts` (which may repeat: a group's rows)."""
+    distinct = list(dict.fromkeys(prompts))
+    where = {p: i for i, p in enumerate(distinct)}
+    rows = torch.tensor([where[p] for p in prompts], device=model.device)
+    enc = tokenizer(distinct, return_tensors="pt", padding=True, padding_side="left")
+    prompt_ids = enc["input_ids"].to(model.device)
+    prompt_mask = enc["attention_mask"].to(model.device)
     stops = stop_token_ids(model)
     with compute_context(model):
-        out = model.generate(
-            **enc,
-            do_sample=not greedy,
-            temperature=None if greedy else temperature,
-            top_k=None,
-            top_p=None,
-            max_new_tokens=max_new_tokens,
-            return_dict_in_generate=True,
-            output_logits=not greedy,  # R x [B, V]: a real model's vocabulary makes it large
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stops,
+        response_ids, logp = _decode(
+            model, prompt_ids, prompt_mask, rows, temperature, max_new_tokens, stops
         )
-    prompt_len = enc["input_ids"].shape[1]
-    response_ids = out.sequences[:, prompt_len:]
     mask = response_mask_from_ids(response_ids, stops)
-    if greedy:  # evaluation: no behaviour log-probs needed
-        logp = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
-    else:
-        logp = _drawn_logprobs(out.logits, response_ids, temperature) * mask
+    logp = logp * mask
     response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(
         [ids[m.bool()].tolist() for ids, m in zip(response_ids, mask, strict=True)],
         skip_special_tokens=True,
     )
     return RolloutBatch(
-        prompt_ids=enc["input_ids"].cpu(),
-        prompt_mask=enc["attention_mask"].cpu(),
+        prompt_ids=prompt_ids[rows].cpu(),
+        prompt_mask=prompt_mask[rows].cpu(),
         response_ids=response_ids.cpu(),
         response_mask=mask.cpu(),
         logprobs=logp.cpu(),
@@ -112,20 +107,59 @@ def _generate(
     )
 
 
-def _drawn_logprobs(
-    logits: tuple[torch.Tensor, ...], drawn: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """Tempered log-probs [B, R] of the drawn tokens [B, R] from the raw logits of each
-    step (R x [B, V]); one step at a time, so no float32 [B, R, V] copy is ever made."""
-    return torch.stack(
-        [
-            torch.log_softmax(step.float() / temperature, dim=-1)
-            .gather(-1, drawn[:, t : t + 1])
-            .squeeze(-1)
-            for t, step in enumerate(logits)
-        ],
-        dim=1,
+def _decode(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    rows: torch.Tensor,
+    temperature: float,
+    max_new_tokens: int,
+    stops: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (or, at temperature 0, pick the argmax of) up to `max_new_tokens` tokens for
+    each row, from the KV cache of its prompt: each distinct prompt [U, P] is run once and
+    its cache gathered out to the rows [B] that answer it. Stops early once every row has
+    drawn a stop id; finished rows stay in the batch, so each row's draws do not depend on
+    when the others stop. Returns the drawn ids [B, R] (anything after a row's stop is
+    filler) and their log-probs [B, R] under softmax(logits / temperature) (0 if greedy)."""
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
     )
+    cache = out.cache
+    cache.reorder_cache(rows)
+    logits = out.logits[:, -1][rows]
+    mask = prompt_mask[rows]
+    position = mask.sum(dim=1, keepdim=True)
+    stop_ids = torch.as_tensor(list(stops), dtype=torch.long, device=rows.device)
+    ended = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+    drawn: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
+    for t in range(max_new_tokens):
+        if temperature <= 0:
+            token = logits.argmax(dim=-1)
+            logps.append(torch.zeros(len(rows), device=rows.device))
+        else:
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+            token = torch.multinomial(logp.exp(), 1).squeeze(1)
+            logps.append(logp.gather(1, token[:, None]).squeeze(1))
+        drawn.append(token)
+        ended |= torch.isin(token, stop_ids)
+        if t == max_new_tokens - 1 or bool(ended.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position + t,
+            cache=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1]
+    return torch.stack(drawn, dim=1), torch.stack(logps, dim=1)
 
 
 def _pad_to(x: torch.Tensor, width: int, value: int | float, left: bool) -> torch.Tensor:

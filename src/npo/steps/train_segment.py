@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -32,11 +32,14 @@ from npo.rollout import RolloutBatch, rollout
 from npo.steps.context import RunContext
 from npo.steps.evaluate import eval_settings, evaluate_policy
 from npo.store.checkpoint import list_checkpoints, read_manifest
-from npo.tasks import Problem
+from npo.tasks import Problem, Task
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
 from npo.training.rl_step import ppo_update, sequence_logprobs
 from npo.training.seeding import batch_indices, derive_seed, seed_everything, set_rng_state
 from npo.training.state import load_train_state, save_train_state
+
+if TYPE_CHECKING:
+    from npo.config import ExperimentConfig
 
 
 def rollout_metrics(
@@ -55,6 +58,22 @@ def rollout_metrics(
         "response/length_mean": float(lengths.mean()),
         "response/truncated_frac": 1.0 - float(ended.float().mean()),
     }
+
+
+def scored_rollout(
+    cfg: ExperimentConfig,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    task: Task,
+    problems: list[Problem],
+) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
+    """Sample `rollout.group_size` responses per problem and verify them: the batch
+    [N*G rows], the rewards [N, G] and the step's rollout metrics."""
+    ro = cfg.rollout
+    batch = rollout(ro, model, tokenizer, [p.prompt for p in problems], ro.group_size)
+    verdicts = task.verify_batch([problems[i] for i in batch.prompt_index.tolist()], batch.texts)
+    rewards = torch.tensor([v.reward for v in verdicts]).view(len(problems), ro.group_size)
+    return batch, rewards, rollout_metrics(rewards, batch, stop_token_ids(model))
 
 
 class Watch(Protocol):
@@ -198,14 +217,9 @@ def train_segment(
         problems = [train[i] for i in idx]
         if slot_source is not None:
             problems = slot_source.select(problems, step)
-        batch = rollout(ro, model, tokenizer, [p.prompt for p in problems], ro.group_size)
+        batch, rewards, on_policy = scored_rollout(cfg, model, tokenizer, ctx.task, problems)
         t_rollout = time.perf_counter() - t0
         sampled_tokens = batch.num_response_tokens
-        verdicts = ctx.task.verify_batch(
-            [problems[i] for i in batch.prompt_index.tolist()], batch.texts
-        )
-        rewards = torch.tensor([v.reward for v in verdicts]).view(len(problems), ro.group_size)
-        on_policy = rollout_metrics(rewards, batch, stop_token_ids(model))
         if cfg.method == "autonpo":
             _record_mistakes(ctx, step, problems, rewards)
         t1 = time.perf_counter()

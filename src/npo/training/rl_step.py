@@ -1,7 +1,8 @@
 """One policy-gradient update on a scored rollout batch (clipped PPO objective, GRPO-style).
 
 The caller samples, verifies and computes advantages; this module recomputes the old
-log-probs with the pre-update policy, then runs `ppo_epochs` x `minibatches` optimizer steps.
+log-probs with the pre-update policy (with one update per batch they come from that
+update's own forward pass), then runs `ppo_epochs` x `minibatches` optimizer steps.
 Where the source of a trajectory changes (NPO's guide slot), only `old_logprobs` change:
 pass them in and they are used instead of the recomputed ones.
 
@@ -98,7 +99,8 @@ def ppo_update(
     """Optimise the clipped objective on `batch` with per-sequence `advantages` [B].
 
     old_logprobs [B, R] defaults to the current (pre-update) policy's own log-probs, so the
-    first minibatch step starts at ratio 1. shaped_rows [B] (LUFFY teacher rows) use the
+    first minibatch step starts at ratio 1 (with one update per batch they are taken from
+    the update's own forward pass, detached). shaped_rows [B] (LUFFY teacher rows) use the
     shaped objective f(w) = w/(w + shaping_gamma). Each minibatch is forwarded in chunks of
     `algo.micro_batch_size` rows with gradients accumulated (see the module docstring).
     Returns metrics averaged over all updates.
@@ -109,9 +111,13 @@ def ppo_update(
     if shaped_rows is not None:
         shaped_rows = shaped_rows.to(model.device)
     chunk = algo.micro_batch_size
-    if old_logprobs is None:
+    # With one update per batch the pre-update policy is the one being differentiated: its
+    # detached log-probs are the old ones (ratio 1), so no extra forward pass is needed.
+    one_update = algo.ppo_epochs == 1 and algo.minibatches == 1
+    if old_logprobs is None and not one_update:
         old_logprobs = sequence_logprobs(model, batch, temperature, chunk)
-    old_logprobs = old_logprobs.to(model.device)
+    if old_logprobs is not None:
+        old_logprobs = old_logprobs.to(model.device)
     ref_logprobs = None
     if algo.kl_coef > 0:
         if ref_model is None:
@@ -127,7 +133,7 @@ def ppo_update(
         logp = token_logprobs(logits, mb.response_ids)
         loss, metrics = policy_loss(
             logp,
-            old_logprobs[idx, :width],
+            logp.detach() if old_logprobs is None else old_logprobs[idx, :width],
             advantages[idx],
             mask,
             clip_low=algo.clip_low,
