@@ -230,9 +230,7 @@ def main() -> None:
         "median_s_per_step": {"project": project, "trl": trl},
         "ratio_project_over_trl": project / trl,
         "response_len": {n: median_of(timed[n], "response_len") for n in timed},
-        "project_phases_s": {
-            k: median_of(timed["project"], k) for k in ("rollout_s", "update_s")
-        },
+        "project_phases_s": {k: median_of(timed["project"], k) for k in ("rollout_s", "update_s")},
         "steps": rows,
     }
     print(
