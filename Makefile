@@ -27,7 +27,8 @@ run: install
 test: install helm
 	$(PY) -m pytest -q
 
-# The inner loop: everything but the tests marked slow (training runs, real servers).
+# The inner loop: everything but the tests marked slow (training runs, real servers,
+# killed and racing processes).
 test-fast: install helm
 	$(PY) -m pytest -q -m "not slow"
 

@@ -350,6 +350,7 @@ def test_mistakes_are_one_transaction(db: MetadataDB, monkeypatch: pytest.Monkey
     assert len(db.mistakes("r1")) == 25
 
 
+@pytest.mark.slow  # several processes race
 def test_two_processes_record_overlapping_mistakes(db_url: str, tmp_path: Path) -> None:
     """2 writers x 300 entries, half of them the same (run, step, prompt): each entry once.
 
@@ -431,6 +432,7 @@ db.close()
 """
 
 
+@pytest.mark.slow  # several processes race
 def test_concurrent_migrations_of_a_fresh_db(db_url: str, tmp_path: Path) -> None:
     """Four processes migrate the same empty DB at once: one upgrades, the others wait for
     its lock and find the schema current (no 'relation/table already exists')."""
@@ -444,6 +446,7 @@ def test_concurrent_migrations_of_a_fresh_db(db_url: str, tmp_path: Path) -> Non
         assert _count(db, "runs") == 4
 
 
+@pytest.mark.slow  # several processes race
 def test_migration_waits_for_the_migration_lock(db_url: str, tmp_path: Path) -> None:
     """While another transaction holds the lock, migrate() blocks, and finishes after."""
     holder = MetadataDB(db_url)

@@ -59,6 +59,7 @@ db.close()
 """
 
 
+@pytest.mark.slow  # several processes race
 def test_two_processes_write_the_same_and_different_keys(db_url: str, tmp_path: Path) -> None:
     steps = 100  # 2 processes x (2 x 100 checkpoints + 100 run upserts + 10 status updates)
     with MetadataDB(db_url) as db:

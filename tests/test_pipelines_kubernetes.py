@@ -10,6 +10,7 @@ Run: .venv/bin/python -m pytest tests/test_pipelines_kubernetes.py -q
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,10 @@ STATEFUL = {"prepare", "train", "guidance", "rollback", "schedule"}
 PASSWORD = "hunter2"
 
 
+@functools.cache
 def compile_text(name: str, *overrides: str, local: bool = False) -> str:
-    """The YAML of configs/<name>.yaml with overrides (local: as `npo run` builds it)."""
+    """The YAML of configs/<name>.yaml with overrides (local: as `npo run` builds it),
+    compiled once per session."""
     cfg = load_config(CONFIGS / f"{name}.yaml", list(overrides))
     if not local:
         return pipeline_yaml(cfg, "test")

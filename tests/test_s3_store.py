@@ -287,6 +287,7 @@ def test_unreachable_endpoint_fails_fast_and_clearly(s3_bucket):
 
 # --------------------------------------------------------------------------- outages
 @pytest.mark.timeout(60)
+@pytest.mark.slow  # stops and restarts the server
 def test_upload_survives_a_server_outage(s3_server, s3_bucket, tmp_path):
     # Retries span ~8 s (0.2, 0.4, 0.8, then 1 s each); the server is back after ~3 s.
     store = make_store(
@@ -320,6 +321,7 @@ def test_upload_survives_a_server_outage(s3_server, s3_bucket, tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow  # stops and restarts the server
 def test_outage_longer_than_retries_fails_cleanly_then_rerun_completes(
     s3_server, s3_bucket, tmp_path
 ):

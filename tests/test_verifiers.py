@@ -195,6 +195,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow  # kills or waits out the worker process
 def test_soft_timeout_keeps_the_worker():
     with MathVerifier(timeout_s=0.3, grace_s=5.0) as v:
         assert v.grade([("1", "1")]) == [CORRECT]
@@ -204,6 +205,7 @@ def test_soft_timeout_keeps_the_worker():
         assert v.pid == pid
 
 
+@pytest.mark.slow  # kills or waits out the worker process
 def test_hard_timeout_kills_and_restarts_the_worker():
     # block_alarm makes the worker's own timeout miss, like a hang inside C code
     hang = {"gold": "1", "response": "1", "sleep_s": 30, "block_alarm": True}
@@ -217,6 +219,7 @@ def test_hard_timeout_kills_and_restarts_the_worker():
         assert v.grade([("5", "5")]) == [CORRECT]
 
 
+@pytest.mark.slow  # kills or waits out the worker process
 def test_worker_killed_mid_item_then_recovers():
     with MathVerifier(timeout_s=20.0) as v:
         assert v.grade([("1", "1")]) == [CORRECT]
@@ -226,6 +229,7 @@ def test_worker_killed_mid_item_then_recovers():
         assert out == [Verdict(0.0, "verifier crashed"), CORRECT]
 
 
+@pytest.mark.slow  # kills or waits out the worker process
 def test_worker_killed_while_idle_is_restarted():
     with MathVerifier() as v:
         assert v.grade([("1", "1")]) == [CORRECT]
@@ -234,6 +238,7 @@ def test_worker_killed_while_idle_is_restarted():
         assert v.grade([("2", "2")]) == [CORRECT]
 
 
+@pytest.mark.slow  # kills or waits out the worker process
 def test_close_and_garbage_collection_stop_the_worker():
     v = MathVerifier()
     v.grade([("1", "1")])
