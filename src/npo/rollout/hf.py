@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from npo.policy.model import compute_context, stop_token_ids
+from npo.policy.prefix import prompt_pass
 from npo.rollout.batch import RolloutBatch
 
 
@@ -122,16 +123,7 @@ def _decode(
     drawn a stop id; finished rows stay in the batch, so each row's draws do not depend on
     when the others stop. Returns the drawn ids [B, R] (anything after a row's stop is
     filler) and their log-probs [B, R] under softmax(logits / temperature) (0 if greedy)."""
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = out.cache
-    cache.reorder_cache(rows)
-    logits = out.logits[:, -1][rows]
+    logits, cache = prompt_pass(model, prompt_ids, prompt_mask, rows)
     mask = prompt_mask[rows]
     position = mask.sum(dim=1, keepdim=True)
     stop_ids = torch.as_tensor(list(stops), dtype=torch.long, device=rows.device)

@@ -1,11 +1,9 @@
 """Teacher-forced forward passes over (prompt, response) pairs, in the run's compute dtype
 (`npo.policy.model.compute_context`).
 
-A GRPO batch holds G responses to each prompt. Rows that share a prompt share its forward
-pass: each distinct prompt is run once with the KV cache on, the cache is gathered out to
-the rows (an index_select, so gradients from every response flow back into the one prompt
-pass), and the responses run on top of it. The logits are those of one pass over the whole
-sequence (up to float rounding); the prompt work shrinks by the group size.
+Rows that share a prompt share its forward pass (`npo.policy.prefix.prompt_pass`) and the
+responses run on top of its gathered KV cache. The logits are those of one pass over the
+whole sequences (up to float rounding); the prompt work shrinks by the group size.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from npo.policy.model import compute_context
+from npo.policy.prefix import prompt_pass
 
 
 def response_logits(
@@ -74,18 +73,10 @@ def _shared_prompt_pass(
 ) -> torch.Tensor:
     """distinct: (ids, mask) [U, P] of the distinct prompts; rows [B]: each row's prompt."""
     ids, mask = distinct
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    first = out.logits[:, -1][rows].unsqueeze(1)  # predicts response token 0
+    first, cache = prompt_pass(model, ids, mask, rows)
+    first = first.unsqueeze(1)  # predicts response token 0
     if response_ids.shape[1] == 1:
         return first
-    cache = out.cache
-    cache.reorder_cache(rows)
     mask = mask[rows]
     inputs = response_ids[:, :-1]
     positions = mask.sum(dim=1, keepdim=True) + torch.arange(inputs.shape[1], device=mask.device)
