@@ -52,7 +52,9 @@ def run_project(workdir: Path, spec: dict[str, Any], reply: TextIO) -> None:
     use_compute(cfg)  # threads, device, attention kernels: as a train stage sets them
     task = make_task(cfg.task)
     model, tokenizer = load_policy(workdir / "policy")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.algo.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay
+    )
     rows = spec["problems"]
     n = cfg.rollout.prompts_per_step
     reply.write(json.dumps({"ready": "project", "torch_threads": torch.get_num_threads()}) + "\n")

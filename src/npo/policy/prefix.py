@@ -15,10 +15,12 @@ from transformers import Cache, PreTrainedModel
 
 def prompt_pass(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
-) -> tuple[torch.Tensor, Cache]:
+) -> tuple[torch.Tensor, Cache, torch.Tensor]:
     """ids, mask [U, P] (left-padded distinct prompts), rows [B] (each row's prompt) ->
-    the logits [B, V] that predict each row's first response token, and the KV cache of
-    the rows' prompts (batch B). Position ids follow the mask, as in a whole-sequence pass.
+    the logits [B, V] that predict each row's first response token, the KV cache of the
+    rows' prompts (batch B) and their attention mask [B, P], which the continuation extends
+    (its first position id is the mask's row sum). Position ids follow the mask, as in a
+    whole-sequence pass.
     """
     out = model(
         input_ids=ids,
@@ -29,4 +31,4 @@ def prompt_pass(
     )
     cache = out.cache
     cache.reorder_cache(rows)
-    return out.logits[:, -1][rows], cache
+    return out.logits[:, -1][rows], cache, mask[rows]

@@ -123,8 +123,7 @@ def _decode(
     drawn a stop id; finished rows stay in the batch, so each row's draws do not depend on
     when the others stop. Returns the drawn ids [B, R] (anything after a row's stop is
     filler) and their log-probs [B, R] under softmax(logits / temperature) (0 if greedy)."""
-    logits, cache = prompt_pass(model, prompt_ids, prompt_mask, rows)
-    mask = prompt_mask[rows]
+    logits, cache, mask = prompt_pass(model, prompt_ids, prompt_mask, rows)
     position = mask.sum(dim=1, keepdim=True)
     stop_ids = torch.as_tensor(list(stops), dtype=torch.long, device=rows.device)
     ended = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)

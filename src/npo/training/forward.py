@@ -72,12 +72,10 @@ def _shared_prompt_pass(
     response_mask: torch.Tensor,
 ) -> torch.Tensor:
     """distinct: (ids, mask) [U, P] of the distinct prompts; rows [B]: each row's prompt."""
-    ids, mask = distinct
-    first, cache = prompt_pass(model, ids, mask, rows)
+    first, cache, mask = prompt_pass(model, *distinct, rows)
     first = first.unsqueeze(1)  # predicts response token 0
     if response_ids.shape[1] == 1:
         return first
-    mask = mask[rows]
     inputs = response_ids[:, :-1]
     positions = mask.sum(dim=1, keepdim=True) + torch.arange(inputs.shape[1], device=mask.device)
     rest = model(
