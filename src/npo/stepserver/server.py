@@ -147,7 +147,8 @@ class StepServer:
     def wait_ready(self) -> None:
         """Block until the worker serves (starting a new one if it died); raise
         RuntimeError with its traceback or exit status if it cannot start."""
-        if self._process is None or self._process.poll() is not None:
+        if self._process is None or self._process.poll() is not None or self._lost():
+            self.close()
             self.launch()
         if not self._ready.wait(self.start_timeout_s):
             self.close()
@@ -173,6 +174,21 @@ class StepServer:
         self._cleanup()
 
     # -- internals ------------------------------------------------------------------------
+
+    def _lost(self) -> bool:
+        """Whether the worker's end of our connection is closed: the worker is dead or
+        dying. A killed process closes its sockets a moment before it can be reaped, so a
+        task that saw its connection drop may ask before `poll()` knows. Peeks, so the
+        reader thread still gets every message."""
+        if self._conn is None:
+            return True
+        with socket.socket(fileno=os.dup(self._conn.fileno())) as peek:
+            try:
+                return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
 
     def _cleanup(self) -> None:
         if self._conn is not None:
