@@ -28,9 +28,11 @@ test: install helm
 	$(PY) -m pytest -q
 
 # The inner loop: everything but the tests marked slow (training runs, real servers,
-# killed and racing processes).
+# killed and racing processes), on TEST_WORKERS processes (pytest-xdist; the fast tests
+# run torch on one thread each). `make test` stays serial: its slow tests time processes.
+TEST_WORKERS ?= 2
 test-fast: install helm
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench pipelines

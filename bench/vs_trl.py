@@ -15,6 +15,11 @@ same machine load. A step is timed from its first rollout to its optimizer step 
 (TRL: from `on_step_begin` to `on_step_end`). The report is the median over steps
 [--skip, --skip + --steps) and the ratio project / TRL (the target is <= 0.5).
 
+The project skips the backward pass of zero-advantage rows (npo.training.rl_step); TRL does
+not. A new, untrained policy solves nothing, so every group is zero-variance and the
+project's update is a forward pass only: the report prints the share of such groups, and
+`--policy` with a warmed-up checkpoint gives the mix a real run sees.
+
 TRL lives in its own venv (default `.bench/trl-venv`, made on first use with pip's own
 configuration: `torch` and `transformers` at this project's pinned versions, `trl` at
 TRL_VERSION); it never enters the project's lock. This script only measures; it asserts
@@ -231,6 +236,8 @@ def main() -> None:
         "ratio_project_over_trl": project / trl,
         "response_len": {n: median_of(timed[n], "response_len") for n in timed},
         "project_phases_s": {k: median_of(timed["project"], k) for k in ("rollout_s", "update_s")},
+        "reward_mean": {n: statistics.fmean(r["reward"] for r in timed[n]) for n in timed},
+        "zero_var_frac": statistics.fmean(r["zero_var_frac"] for r in timed["project"]),
         "steps": rows,
     }
     print(
@@ -245,6 +252,11 @@ def main() -> None:
     phases = report["project_phases_s"]
     rollout_s, update_s = phases["rollout_s"], phases["update_s"]
     print(f"  project phases: rollout {rollout_s:.3f} s, update {update_s:.3f} s")
+    rewards = ", ".join(f"{n} {r:.3f}" for n, r in report["reward_mean"].items())
+    print(
+        f"  mean reward: {rewards}; zero-variance groups (no backward pass): "
+        f"{report['zero_var_frac']:.0%}"
+    )
     print(f"project / TRL: {report['ratio_project_over_trl']:.2f} (target <= 0.50)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,8 @@ def run_project(workdir: Path, spec: dict[str, Any], reply: TextIO) -> None:
             "update_s": t2 - t1,
             "response_len": batch.num_response_tokens / len(batch),
             "reward": float(rewards.mean()),
+            # groups whose rewards are all equal: zero advantage, so no backward pass
+            "zero_var_frac": float((advantages == 0).all(dim=-1).float().mean()),
             "loss": metrics["actor/loss"],
         }
         reply.write(json.dumps(out) + "\n")

@@ -206,6 +206,93 @@ def test_one_update_takes_the_old_logprobs_from_its_own_forward(scored_batch, mo
         assert own[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
 
 
+def _update_with_idle_rows(scored_batch, monkeypatch, zero_rows, skip: bool, micro=None):
+    """Two AdamW updates (a real one, then one with `zero_rows`' advantages set to 0), with
+    or without the zero-advantage rows' backward skipped; returns (params, metrics, grads
+    enabled per forwarded row count)."""
+    model, _, batch, advantages, old = scored_batch
+    model = copy.deepcopy(model)
+    advantages = advantages.clone()
+    advantages[zero_rows] = 0
+    algo = AlgoConfig(ppo_epochs=2, minibatches=2, micro_batch_size=micro, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=algo.weight_decay)
+    shaped = torch.tensor([i % 4 == 1 for i in range(len(batch))])
+    ppo_update(
+        model,
+        opt,
+        batch,
+        torch.ones(len(batch)),
+        algo,
+        1.0,
+        old_logprobs=old,
+        generator=torch.Generator().manual_seed(2),
+    )
+    if not skip:
+        monkeypatch.setattr(
+            rl_step, "rows_without_gradient", lambda a, _: torch.zeros_like(a, dtype=torch.bool)
+        )
+    grads: list[tuple[int, bool]] = []
+    forward = rl_step._forward
+    monkeypatch.setattr(
+        rl_step,
+        "_forward",
+        lambda m, b: grads.append((len(b), torch.is_grad_enabled())) or forward(m, b),
+    )
+    metrics = ppo_update(
+        model,
+        opt,
+        batch,
+        advantages,
+        algo,
+        1.0,
+        old_logprobs=old,
+        generator=torch.Generator().manual_seed(3),
+        shaped_rows=shaped,
+    )
+    monkeypatch.undo()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}, metrics, grads
+
+
+@pytest.mark.parametrize("micro", [None, 2])
+def test_zero_advantage_rows_skip_their_backward_and_change_nothing(
+    scored_batch, monkeypatch, micro
+):
+    zero = torch.tensor([i % 3 != 1 for i in range(len(scored_batch[2]))])  # 8 of 12 rows
+    full_params, full, full_grads = _update_with_idle_rows(
+        scored_batch, monkeypatch, zero, False, micro
+    )
+    skip_params, skip, skip_grads = _update_with_idle_rows(
+        scored_batch, monkeypatch, zero, True, micro
+    )
+    # every row is still forwarded once per epoch, but only the 4 nonzero ones with autograd
+    assert sum(n for n, _ in full_grads) == sum(n for n, _ in skip_grads) == 2 * 12
+    assert all(g for _, g in full_grads)
+    assert sum(n for n, g in skip_grads if g) == 2 * 4
+    for k in full_params:
+        assert_close(skip_params[k], full_params[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert sorted(skip) == sorted(full)
+    assert full["actor/pg_clipfrac"] > 0 and full["actor/entropy"] > 0
+    for k, v in full.items():
+        assert skip[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_all_zero_advantages_still_take_the_optimizers_step(scored_batch, monkeypatch):
+    """No backward at all, yet AdamW steps on a zero gradient (momentum and weight decay
+    move the weights) exactly as after a backward of zeros."""
+    everything = torch.ones(len(scored_batch[2]), dtype=torch.bool)
+    before = {k: v.detach().clone() for k, v in scored_batch[0].named_parameters()}
+    full_params, full, _ = _update_with_idle_rows(scored_batch, monkeypatch, everything, False)
+    skip_params, skip, grads = _update_with_idle_rows(scored_batch, monkeypatch, everything, True)
+    assert not any(g for _, g in grads)
+    assert skip["actor/grad_norm"] == full["actor/grad_norm"] == 0
+    moved = max(float((full_params[k] - before[k]).abs().max()) for k in before)
+    assert moved > 1e-3
+    for k in full_params:
+        assert_close(skip_params[k], full_params[k], atol=1e-7, rtol=1e-6, msg=k)
+    for k, v in full.items():
+        assert skip[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
 def test_each_micro_batch_is_forwarded_at_its_own_width(scored_batch, monkeypatch):
     """Trailing padding no row of a micro-batch uses is not computed (batch.trimmed)."""
     widths: list[int] = []

@@ -11,6 +11,12 @@ losses are weighted by their share of the minibatch's aggregation denominator (v
 for token-mean, sequences with a token for seq-mean-token-mean): the accumulated gradient
 and the logged metrics are the whole minibatch's, and there is one optimizer step per
 minibatch either way.
+
+Rows whose advantage is exactly 0 add nothing to the clipped objective's gradient: when the
+loss has no other term (no KL, no entropy bonus) they are forwarded without autograd, for
+their share of the metrics only, and never backpropagated. Under GRPO every row of a
+zero-variance group is such a row. The gradient, the optimizer step (a zero gradient is
+still a step for Adam's moments) and the metrics are those of the full backward.
 """
 
 from __future__ import annotations
@@ -81,6 +87,20 @@ def _ratio_tokens(mask: Tensor, shaped_rows: Tensor | None) -> Tensor:
     if shaped_rows is not None:
         m = m & ~shaped_rows.bool().unsqueeze(-1)
     return m.sum()
+
+
+def rows_without_gradient(advantages: Tensor, algo: AlgoConfig) -> Tensor:
+    """Which rows' loss has zero gradient, so needs no backward pass: advantage exactly 0
+    while the loss has no KL or entropy term. advantages [B] -> bool [B].
+
+    >>> rows_without_gradient(torch.tensor([0.0, 1.5, 0.0]), AlgoConfig())
+    tensor([ True, False,  True])
+    >>> rows_without_gradient(torch.tensor([0.0, 1.5]), AlgoConfig(entropy_coef=0.01))
+    tensor([False, False])
+    """
+    if algo.kl_coef > 0 or algo.entropy_coef > 0:
+        return torch.zeros_like(advantages, dtype=torch.bool)
+    return advantages == 0
 
 
 def ppo_update(
@@ -167,11 +187,17 @@ def ppo_update(
         loss_total = agg_denominator(mask[idx], algo.loss_agg).clamp_min(1).item()
         ratio_total = _ratio_tokens(mask[idx], shaped(idx)).clamp_min(1).item()
         out: dict[str, float] = defaultdict(float)
-        for part in torch.split(idx, chunk or len(idx)):
-            loss, metrics = loss_of(part)
+        idle = idle_rows[idx]
+        parts = [(part, True) for part in torch.split(idx[~idle], chunk or len(idx))]
+        parts += [(part, False) for part in torch.split(idx[idle], chunk or len(idx))]
+        parts = [(part, grad) for part, grad in parts if len(part)] or [(idx, True)]
+        for part, needs_grad in parts:
+            with torch.set_grad_enabled(needs_grad):
+                loss, metrics = loss_of(part)
             w_loss = agg_denominator(mask[part], algo.loss_agg).item() / loss_total
             w_ratio = _ratio_tokens(mask[part], shaped(part)).item() / ratio_total
-            (loss * w_loss).backward()
+            if needs_grad:
+                (loss * w_loss).backward()
             for k, v in metrics.items():
                 if k == _RATIO_MAX:
                     out[k] = max(out[k], v)  # ratios are > 0; 0 = no PPO token (as policy_loss)
@@ -179,6 +205,7 @@ def ppo_update(
                     out[k] += v * (w_ratio if k in _RATIO_MEANS else w_loss)
         return out
 
+    idle_rows = rows_without_gradient(advantages, algo)
     model.train()
     sums: dict[str, float] = defaultdict(float)
     updates = 0
@@ -188,6 +215,11 @@ def ppo_update(
         for start in range(0, len(batch), size):
             optimizer.zero_grad(set_to_none=True)
             metrics = backward_minibatch(order[start : start + size])
+            if all(p.grad is None for p in model.parameters()):
+                # every row idle: a zero gradient, on which Adam still steps (its moments)
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), algo.max_grad_norm)
             optimizer.step()
             metrics["actor/grad_norm"] = grad_norm.item()
