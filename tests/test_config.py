@@ -54,9 +54,13 @@ def test_defaults_validate_and_match_the_documented_toy_setup():
     assert ExperimentConfig.model_validate(cfg.model_dump(mode="json")) == cfg
 
 
-def test_empty_yaml_file_means_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == ExperimentConfig()
-    assert load_config(write(tmp_path, "# only a comment\n")) == ExperimentConfig()
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n", "{}\n"])
+def test_a_file_that_sets_nothing_is_refused(tmp_path, text):
+    # Most likely the wrong file: running every default would start the toy for minutes.
+    path = write(tmp_path, text)
+    msg = config_error(path=path)
+    assert f"{path}: the file sets nothing (it is empty or only comments)" in msg
+    assert "give no config file to run the defaults" in msg
 
 
 # --------------------------------------------------------------------------- YAML
@@ -356,3 +360,183 @@ def test_public_dump_redacts_passwords_in_urls() -> None:
     assert "hunter2" not in dumped
     assert "postgresql+psycopg://u:***@h/db" in dumped
     assert cfg.store.metadata_url == "postgresql+psycopg://u:hunter2@h/db"  # usable as given
+
+
+# --------------------------------------------------------------------------- strict values
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ("train: {steps: true}\n", "train.steps", "expected an integer, got True"),
+        ("train: {steps: '40'}\n", "train.steps", "expected an integer, got '40'"),
+        ("train: {steps: 40.0}\n", "train.steps", "expected an integer, got 40.0"),
+        ("train: {eval_size: false}\n", "train.eval_size", "expected an integer, got False"),
+        ("algo: {lr: true}\n", "algo.lr", "expected a number, got True"),
+        ("algo: {lr: '0.1'}\n", "algo.lr", "expected a number, got '0.1'"),
+        ("tracking: {enabled: 1}\n", "tracking.enabled", "expected a boolean"),
+        ("tracking: {enabled: 'true'}\n", "tracking.enabled", "expected a boolean"),
+        ("autonpo: {candidates: [10, true]}\n", "autonpo.candidates", "got True"),
+        ("algo: {lr: .inf}\n", "algo.lr", "finite number"),
+        ("algo: {lr: .nan}\n", "algo.lr", "finite number"),
+        ("warmup: {target_accuracy: .nan}\n", "warmup.target_accuracy", "finite number"),
+    ],
+)
+def test_numbers_and_booleans_are_taken_as_written(tmp_path, text, field, words):
+    """No lax conversions: `steps: true` does not run 1 step, nor `lr: .inf` anything."""
+    msg = config_error(path=write(tmp_path, f"name: x\n{text}"))
+    assert field in msg
+    assert words in msg
+
+
+def test_ints_are_numbers_and_exponents_are_floats(tmp_path):
+    # An int is a float field's whole number; `1e-3` is a float as in YAML 1.2.
+    cfg = load_config(
+        write(tmp_path, "algo: {lr: 1e-3, clip_high: 1}\nrollout: {temperature: 2}\n")
+    )
+    assert (cfg.algo.lr, cfg.algo.clip_high, cfg.rollout.temperature) == (1e-3, 1.0, 2.0)
+    assert type(load_config(None, ["algo.lr=1E-4"]).algo.lr) is float
+
+
+def _float_fields(model: type, prefix: str = "") -> list[str]:
+    """Dotted paths of every float field of a config model, its sections' included."""
+    from pydantic import BaseModel
+
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths += _float_fields(annotation, f"{prefix}{name}.")
+        elif annotation in (float, float | None):
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+FLOAT_FIELDS = _float_fields(ExperimentConfig)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_inf_and_nan_are_refused_in_every_float_field(value):
+    assert len(FLOAT_FIELDS) > 20  # the walk found the sections' fields
+    math = ["task.kind=math", "task.train_path=a", "task.eval_path=b"]
+    for path in [*FLOAT_FIELDS, "task.timeout_s"]:
+        extra = math if path.startswith("task.") else []
+        msg = config_error(*extra, f"{path}={value}")
+        assert "finite number" in msg, path
+        assert path.replace("task.", "task.math.") in msg
+
+
+def test_assignment_takes_values_as_written_too():
+    cfg = ExperimentConfig()
+    with pytest.raises(ValueError, match="expected an integer"):
+        cfg.train.steps = True
+
+
+# --------------------------------------------------------------------------- duplicates
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    path = write(tmp_path, "name: x\nalgo:\n  lr: 0.1\n  clip_low: 0.2\n  lr: 0.2\n")
+    msg = config_error(path=path)
+    assert f"{path}: duplicate key 'lr' at line 5 (first at line 3)" in msg
+
+
+def test_a_section_given_twice_is_refused(tmp_path):
+    msg = config_error(path=write(tmp_path, "train: {steps: 5}\nseed: 1\ntrain: {threads: 1}\n"))
+    assert "duplicate key 'train' at line 3 (first at line 1)" in msg
+
+
+def test_a_key_given_twice_in_an_override_is_refused():
+    msg = config_error("task={kind: arithmetic, digits: 2, digits: 3}")
+    assert "override 'task={kind: arithmetic, digits: 2, digits: 3}'" in msg
+    assert "duplicate key 'digits'" in msg
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    path = write(tmp_path, "name: x\nalgo: {lr: 0.1\n")
+    msg = config_error(path=path)
+    assert f'in "{path}", line' in msg
+
+
+# --------------------------------------------------------------------------- file encoding
+def test_a_file_that_is_not_utf8_is_refused_naming_the_byte_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: x\n# café\n".encode("latin-1"))
+    msg = config_error(path=path)
+    assert f"{path}: not UTF-8 text (byte 0xe9 on line 2)" in msg
+
+
+# --------------------------------------------------------------------------- key paths
+@pytest.mark.parametrize("override", ["train..steps=5", ".train.steps=5", "train.=5"])
+def test_an_override_with_an_empty_key_segment_is_refused(override):
+    msg = config_error(override)
+    assert f"override {override!r}: empty segment in the key" in msg
+
+
+# --------------------------------------------------------------------------- task switch
+MATH = [
+    f"task.train_path={DATA / 'math_train.jsonl'}",
+    f"task.eval_path={DATA / 'math_eval.jsonl'}",
+]
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def test_setting_task_kind_switches_the_files_task_to_the_other_kind():
+    """The README's recipe: the toy's arithmetic keys (digits, n_train, ...) are dropped."""
+    cfg = load_config(CONFIGS / "toy_grpo.yaml", ["task.kind=math", *MATH])
+    assert isinstance(cfg.task, MathTaskConfig)
+    assert cfg.task.train_path == str(DATA / "math_train.jsonl")
+    assert cfg.task.timeout_s == 5.0  # the math task's defaults
+    assert cfg.rollout.group_size == 8  # the rest of the file stays
+
+
+def test_the_switch_does_not_depend_on_the_order_of_the_overrides():
+    first = load_config(CONFIGS / "toy_grpo.yaml", [*MATH, "task.kind=math", "task.timeout_s=2"])
+    assert isinstance(first.task, MathTaskConfig)
+    assert first.task.timeout_s == 2.0
+
+
+def test_switching_a_math_file_to_arithmetic_drops_its_paths(tmp_path):
+    path = write(tmp_path, "task: {kind: math, train_path: a, eval_path: b, timeout_s: 2}\n")
+    cfg = load_config(path, ["task.kind=arithmetic", "task.digits=2"])
+    assert cfg.task == ArithmeticTaskConfig(digits=2)
+
+
+def test_the_same_kind_keeps_the_files_task_keys(tmp_path):
+    cfg = load_config(CONFIGS / "toy_grpo.yaml", ["task.kind=arithmetic", "task.n_eval=10"])
+    assert (cfg.task.digits, cfg.task.n_train, cfg.task.n_eval) == (3, 4096, 10)
+    # A file without task.kind has the default kind: naming it again changes nothing.
+    cfg = load_config(write(tmp_path, "task: {digits: 2}\n"), ["task.kind=arithmetic"])
+    assert cfg.task.digits == 2
+
+
+# --------------------------------------------------------------------------- resume
+def _dump(*overrides: str) -> dict:
+    from npo.config import public_dump
+
+    return public_dump(load_config(None, ["train.steps=40", *overrides]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["train.threads=7"], ["algo.micro_batch_size=4"], ["train.steps=41"], ["train.steps=400"]],
+)
+def test_speed_settings_and_more_steps_may_change_on_resume(overrides):
+    from npo.config import resume_conflicts
+
+    assert resume_conflicts(_dump(), _dump(*overrides)) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "conflict"),
+    [
+        (["algo.lr=1e-4"], "algo.lr: 5e-05 -> 0.0001"),
+        (["train.steps=39"], "train.steps: 40 -> 39"),
+        (["task.digits=2"], "task.digits: 3 -> 2"),
+        (["task.kind=math", "task.train_path=a", "task.eval_path=b"], "task.kind: 'arithmetic'"),
+    ],
+)
+def test_other_changes_on_resume_are_named(overrides, conflict):
+    from npo.config import resume_conflicts
+
+    conflicts = resume_conflicts(_dump(), _dump(*overrides))
+    assert conflict in "; ".join(conflicts)
+    both = resume_conflicts(_dump(), _dump(*overrides, "train.threads=7", "seed=3"))
+    assert "seed: 0 -> 3" in both
+    assert not any(c.startswith("train.threads") for c in both)

@@ -160,6 +160,13 @@ def test_a_failing_task_fails_the_run_with_its_log(tmp_path: Path) -> None:
     with MetadataDB(f"sqlite:///{root}/npo.db") as db:
         assert db.get_run("rlep").status == "failed"
 
+    # `npo run` refuses a run the metadata DB does not have before any task (preflight);
+    # one it lists with a checkpoint that the store lacks still fails in its task
+    refused = CliRunner().invoke(app, ["run", str(path), "--quiet"])
+    assert refused.exit_code == 2 and "no run 'ghost'" in refused.stderr
+    with MetadataDB(f"sqlite:///{root}/npo.db") as db:
+        db.upsert_run("ghost", "ghost", "grpo", 0, {})
+        db.record_checkpoint("ghost", 3, "file:///nowhere/000003", "0" * 64)
     result = CliRunner().invoke(app, ["run", str(path), "--quiet"])
     assert result.exit_code == 1
     flat = " ".join(result.output.split())  # rich wraps long lines

@@ -172,6 +172,17 @@ def test_gold_teacher_guides_every_group_with_the_gold_response() -> None:
     assert b.text == "11" and b.reward == 1.0
 
 
+def test_gold_teacher_writes_the_external_solvers_text_where_the_task_has_one() -> None:
+    from npo.policy import build_char_tokenizer
+
+    tok = build_char_tokenizer("0123456789+*(),:=")
+    problem = Problem(id="c", prompt="3,7,9:30=", answer="30", target="3*7+9", teacher="((7*3)+9)")
+    (guide,) = GoldTeacher(tok).pick([problem], torch.ones(1, 4)).replacements.values()
+    assert guide.text == "((7*3)+9)"
+    ids = tok("((7*3)+9)", add_special_tokens=False)["input_ids"]
+    assert guide.response_ids == [*ids, tok.eos_token_id]
+
+
 def test_experience_replay_pool_select_pick_and_state() -> None:
     from npo.guidance.sources import ExperienceReplay
 

@@ -169,3 +169,18 @@ def test_npo_stage_uploads_and_refuses_bad_input_with_exit_2(tmp_path, model_dir
     assert refused.exit_code == 2
     assert f"error: {tmp_path / 'nope'}: no such file or folder" in " ".join(refused.stderr.split())
     assert "Traceback" not in refused.output
+
+
+def test_npo_stage_to_a_bad_bucket_name_exits_2_without_a_traceback(tmp_path):
+    """The S3 SDK refuses a bucket name before any request (here: shorter than 3)."""
+    pytest.importorskip("minio")
+    from typer.testing import CliRunner
+
+    from npo.cli import app
+
+    config = tmp_path / "exp.yaml"
+    config.write_text("name: x\n")
+    refused = CliRunner().invoke(app, ["stage", str(config), "s3://b/k"])
+    assert refused.exit_code == 2, refused.output
+    assert "error: s3://b/k: invalid bucket name b" in " ".join(refused.stderr.split())
+    assert "Traceback" not in refused.output

@@ -149,7 +149,8 @@ def test_compiled_yaml_loads_back_with_typed_ui_parameters_defaulting_to_the_con
     text = path.read_text()
     assert "pip install" not in text
     for executor in spec["deploymentSpec"]["executors"].values():
-        assert executor["container"]["image"] == cfg.cluster.image
+        # the stages that never load the model may run cluster.light's image
+        assert executor["container"]["image"] in {cfg.cluster.image, cfg.cluster.light.image}
         source = executor["container"]["command"][-1]
         assert "return run_task(" in source  # the stage's generated wrapper, nothing else
 

@@ -104,8 +104,8 @@ def test_every_stage_gets_the_credential_secrets_by_name(autonpo_default):
     stages = set()
     for stage, _, label in autonpo_default.stage_tasks():
         stages.add(stage)
-        if stage in ("keep", "configure"):  # values in, values out: no credentials, resources
-            assert autonpo_default.k8s(label) == {}
+        if stage in ("keep", "configure"):  # values in, values out: no credentials
+            assert "secretAsEnv" not in autonpo_default.k8s(label)
             continue
         assert secrets_of(autonpo_default.k8s(label)) == {
             "npo-s3": {
@@ -116,8 +116,9 @@ def test_every_stage_gets_the_credential_secrets_by_name(autonpo_default):
             "npo-mlflow": {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
         }
         resources = autonpo_default.container(label)["resources"]
-        assert resources["resourceCpuRequest"] == "1"
-        assert resources["resourceMemoryRequest"] == "4Gi"
+        light = not STAGES[stage].runs_model  # verify, report: small requests
+        assert resources["resourceCpuRequest"] == ("250m" if light else "1")
+        assert resources["resourceMemoryRequest"] == ("1Gi" if light else "4Gi")
         assert "accelerator" not in resources  # CPU by default
     # every stage an AutoNPO run uses (detect runs inside train; schedule is NPO's)
     assert stages == set(STAGES) - {"detect", "schedule"}
@@ -182,18 +183,28 @@ def test_accelerator_node_selector_tolerations_and_env_when_configured():
     for stage, _, label in compiled.stage_tasks():
         stages.add(stage)
         k8s = compiled.k8s(label)
-        if stage in ("keep", "configure"):  # placed like the others, nothing more
-            assert set(k8s) == {"nodeSelector", "tolerations"}
-            continue
         resources = compiled.container(label)["resources"]
+        if stage in ("keep", "configure"):  # placed, labelled and sized like the others
+            assert set(k8s) == {
+                "nodeSelector",
+                "tolerations",
+                "podMetadata",
+                "securityContext",
+                "activeDeadlineSeconds",
+            }
+            continue
         if stage in {"train", "guidance"}:
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
             assert resources["accelerator"]["resourceCount"] == "2"
         else:
             assert "accelerator" not in resources, stage
-        assert resources["resourceCpuRequest"] == "4"
-        assert resources["resourceMemoryRequest"] == "16Gi"
-        assert resources["resourceMemoryLimit"] == "24Gi"
+        if STAGES[stage].runs_model:
+            assert resources["resourceCpuRequest"] == "4"
+            assert resources["resourceMemoryRequest"] == "16Gi"
+            assert resources["resourceMemoryLimit"] == "24Gi"
+        else:  # verify, report: cluster.light's defaults whatever the model steps ask
+            assert resources["resourceCpuRequest"] == "250m"
+            assert resources["resourceMemoryLimit"] == "4Gi"
         assert k8s["nodeSelector"] == {"labels": {"pool": "gpu", "zone": "a"}}
         assert k8s["tolerations"] == [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -222,12 +233,65 @@ def test_gpu_steps_choose_which_stages_get_the_accelerator():
 def test_the_real_model_config_runs_every_model_stage_on_a_gpu_of_the_cuda_image():
     compiled = Compiled(compile_text("math_autonpo"))
     stages = {stage: compiled.container(label) for stage, _, label in compiled.stage_tasks()}
-    assert {c["image"] for c in stages.values()} == {"ghcr.io/npo-project/npo:0.1.0-cuda"}
+    model = {s for s in stages if STAGES[s].runs_model}
+    assert {stages[s]["image"] for s in model} == {"ghcr.io/npo-project/npo:0.1.0-cuda"}
+    # the stages that never load the model pull the CPU image and ask for little
+    assert set(stages) - model == {"configure", "verify", "keep", "report"}
+    for s in set(stages) - model:
+        assert stages[s]["image"] == "ghcr.io/npo-project/npo:0.1.0-cpu", s
+        assert stages[s]["resources"]["resourceMemoryRequest"] == "1Gi", s
+        assert "accelerator" not in stages[s]["resources"], s
+    assert stages["train"]["resources"]["resourceMemoryRequest"] == "64Gi"
     with_gpu = {s for s, c in stages.items() if "accelerator" in c.get("resources", {})}
     # what the config lists (detect is not in its DAG: the train task checks online)
     assert with_gpu == {"prepare", "train", "guidance", "rollback", "evaluate"}
     accelerator = stages["train"]["resources"]["accelerator"]
     assert accelerator.get("resourceType", accelerator.get("type")) == "nvidia.com/gpu"
+
+
+def test_every_pod_is_labelled_for_the_network_policies_and_runs_as_non_root(autonpo_default):
+    """Pod Security `restricted` needs runAsNonRoot (KFP's compiler adds the rest); the
+    chart's NetworkPolicies admit pods with POD_LABELS to S3, PostgreSQL and MLflow."""
+    from npo.pipelines.kubernetes import POD_LABELS
+
+    stages = set()
+    for stage, _, label in autonpo_default.stage_tasks():
+        k8s = autonpo_default.k8s(label)
+        assert k8s["podMetadata"]["labels"] == POD_LABELS, stage
+        assert k8s["securityContext"] == {
+            "runAsUser": "1000",
+            "runAsGroup": "1000",
+            "runAsNonRoot": True,
+        }, stage
+        stages.add(stage)
+    assert {"configure", "keep", "train", "report"} <= stages
+
+
+def test_requests_and_deadlines_are_sized_by_whether_a_stage_runs_the_model():
+    compiled = Compiled(
+        compile_text(
+            "toy_autonpo",
+            "train.steps=30",
+            "cluster.memory_request=32Gi",
+            "cluster.timeout=7200",
+            "cluster.timeouts={train: 86400, verify: 0}",
+            "cluster.light={cpu_request: 100m, memory_request: 512Mi, timeout: 600}",
+        )
+    )
+    seen = set()
+    for stage, _, label in compiled.stage_tasks():
+        resources = compiled.container(label).get("resources", {})
+        deadline = compiled.k8s(label).get("activeDeadlineSeconds")
+        if STAGES[stage].runs_model:
+            assert resources["resourceMemoryRequest"] == "32Gi", stage
+            assert deadline == ("86400" if stage == "train" else "7200"), stage
+        else:
+            assert resources["resourceCpuRequest"] == "100m", stage
+            assert resources["resourceMemoryRequest"] == "512Mi", stage
+            assert resources["resourceMemoryLimit"] == "4Gi", stage  # the light default
+            assert deadline == (None if stage == "verify" else "600"), stage
+        seen.add(stage)
+    assert {"train", "rollback", "verify", "keep", "configure"} <= seen
 
 
 def test_no_credential_reaches_the_yaml():
@@ -266,6 +330,10 @@ def test_local_pipeline_has_no_kubernetes_settings():
         ("cluster.gpu_steps=[train, keep]", "cluster.gpu_steps"),
         ("cluster.tolerations=[{operator: Sometimes}]", "cluster.tolerations"),
         ("cluster.secrets=[{env: {a: B}}]", "cluster.secrets"),
+        ("cluster.light.image=npo:latest", "cluster.light.image"),
+        ("cluster.timeouts={trian: 60}", "cluster.timeouts"),
+        ("cluster.run_as_user=0", "cluster.run_as_user"),
+        ("cluster.service_account=Not_A_Name", "cluster.service_account"),
     ],
 )
 def test_bad_cluster_settings_are_refused_naming_the_field(override, field):

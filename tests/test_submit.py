@@ -164,6 +164,7 @@ def test_first_submission_uploads_the_pipeline_and_prints_the_run_link(fake_kfp,
     assert run["experiment_id"] == "exp-npo"
     assert run["pipeline_id"] == "pipe-new"
     assert run["version_id"] == "ver-default"
+    assert run["service_account"] == "npo-pipeline"  # the chart's, without API rights
     assert re.fullmatch(r"toy-grpo-\d{8}-\d{6}", run["job_name"])
     # What was uploaded is the compiled pipeline of the config.
     (package,) = client.uploaded

@@ -129,7 +129,9 @@ def test_make_task_by_kind():
         assert isinstance(math_task, MathTask) and isinstance(math_task, Task)
         assert len(math_task.train_problems()) == 4
         assert math_task.verifier.pid is None  # the worker starts on first verify, not on load
-    with pytest.raises(TaskError, match=r"unknown task\.kind 'chess'; known: arithmetic, math"):
+    with pytest.raises(
+        TaskError, match=r"unknown task\.kind 'chess'; known: arithmetic, countdown, math"
+    ):
         make_task(SimpleNamespace(kind="chess"))
 
 

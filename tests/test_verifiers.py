@@ -7,12 +7,13 @@ import os
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from npo.config import ArithmeticTaskConfig, MathTaskConfig
-from npo.tasks import ArithmeticTask, MathTask, Problem, Verdict
+from npo.tasks import ArithmeticTask, MathTask, Problem, TaskError, Verdict
 from npo.tasks.arithmetic import verify_arithmetic
 from npo.tasks.math_jsonl import MathVerifier
 
@@ -148,6 +149,14 @@ def _problem(answer: str) -> Problem:
         ("3", "So x = 3"),
         ("12", "12"),
         ("x^2+1", "$1 + x^2$"),
+        # E notation, which math-verify alone reads as its mantissa (1e5 -> 1)
+        ("1e5", "1e5"),
+        ("1e5", "100000"),
+        ("2.5e-3", "0.0025"),
+        ("0.0025", "\\boxed{2.5E-3}"),
+        # a bare LaTeX answer (what the warm-up teaches) is read as the gold is
+        ("3\\sqrt{2}", "3\\sqrt{2}"),
+        ("\\frac{1}{2}", "\\frac{1}{2}"),
     ],
 )
 def test_math_correct(math_task, gold, response):
@@ -156,6 +165,7 @@ def test_math_correct(math_task, gold, response):
 
 def test_math_wrong(math_task):
     assert math_task.verify(_problem("3"), "\\boxed{4}") == Verdict(0.0, "wrong: got 4, want 3")
+    assert math_task.verify(_problem("1e5"), "1").reward == 0.0  # not the mantissa
     assert math_task.verify(_problem("0.5"), "1/3").reward == 0.0
     assert math_task.verify(_problem("3"), "no idea") == Verdict(0.0, "no answer found")
 
@@ -184,6 +194,36 @@ def test_math_batch_keeps_order(math_task):
     verdicts = math_task.verify_batch([_problem(g) for g in golds], responses)
     assert [v.reward for v in verdicts] == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
     assert [verdicts[1].reason, verdicts[4].reason] == ["empty", "too long"]
+
+
+def test_gold_answers_that_do_not_verify_against_themselves_are_refused_at_load(tmp_path):
+    train = tmp_path / "train.jsonl"
+    # an escaped dollar amount, as GSM8K-style data has it: math-verify cannot parse it
+    lines = ['{"prompt": "a", "answer": "3"}', '{"prompt": "b", "answer": "\\\\$5"}']
+    train.write_text("\n".join(lines) + "\n")
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text('{"prompt": "c", "answer": "1e5"}\n')  # reads as 1e5 now, so it passes
+    with MathTask(MathTaskConfig(train_path=train, eval_path=evals)) as task:
+        assert task.verifier.pid is None  # loading alone grades nothing
+        with pytest.raises(TaskError, match=r"1 gold answer\(s\) do not verify") as info:
+            task.check_gold_answers()
+    assert f"{train}:2: '\\\\$5' (gold answer not parsable" in str(info.value)
+
+
+def test_a_batch_is_graded_within_its_time_budget():
+    """Four items that each take 0.4 s of a 0.6 s budget: two are graded, the rest get
+    'timeout: batch budget spent' at once, and the worker lives on."""
+    slow = {"gold": "1", "response": "1", "sleep_s": 0.4}
+    with MathVerifier(timeout_s=5.0, batch_budget_s=0.6) as v:
+        assert v.grade([("1", "1")]) == [CORRECT]  # worker started outside the timing
+        pid = v.pid
+        start = time.monotonic()
+        out = v._run([slow] * 4, v.batch_budget_s)
+        took = time.monotonic() - start
+    spent = Verdict(0.0, "timeout: batch budget spent")
+    assert out[0] == CORRECT and out[2:] == [spent, spent], out
+    assert out[1] in (CORRECT, TIMEOUT)  # cut to the 0.2 s left of the budget
+    assert took < 2.0 and pid is not None
 
 
 # --------------------------------------------------------------------------- worker life

@@ -9,6 +9,7 @@
     npo submit CONFIG --host URL [--experiment N] [--wait]  run it on a Kubeflow cluster
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (config, paths) or an unreachable endpoint.
+`npo --version` prints the version; `-h` is `--help` on every command.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
@@ -27,13 +29,46 @@ from rich.table import Table
 from rich.text import Text
 
 from npo.config import ConfigError, ExperimentConfig, load_config, public_dump
+from npo.experiment import Engine
+
+EXIT_CODES = (
+    "Exit codes: 0 ok; 1 the run failed (the message names the failed task and its log); "
+    "2 bad input (config, paths, datasets, a run name started with another config) or an "
+    "unreachable endpoint (S3, database, MLflow)."
+)
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Near-Future Policy Optimization experiments.",
+    epilog=EXIT_CODES,
+    # -h as well as --help, on every command (subcommands inherit the context settings).
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"npo {package_version('npo')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Near-Future Policy Optimization experiments."""
+
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -86,6 +121,20 @@ def _load(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
         _fail(e)
 
 
+def _preflight(cfg: ExperimentConfig, source: object = None, **scope: Any) -> None:
+    """Refuse (exit 2) what npo.preflight finds before anything is written, and print its
+    warnings; `source` (a config path) prefixes the messages, `scope` goes to the check."""
+    from npo.preflight import PreflightError, check_before_start
+
+    prefix = f"{source}: " if source is not None else ""
+    try:
+        warnings = check_before_start(cfg, **scope)
+    except PreflightError as e:
+        _fail(f"{prefix}{e}")
+    for warning in warnings:
+        err_console.print(Text("warning: ", style="yellow") + Text(prefix + warning))
+
+
 def _summary_table(summary: dict) -> Table:
     table = Table(title="run summary", show_header=False)
     for key, value in summary.items():
@@ -95,10 +144,10 @@ def _summary_table(summary: dict) -> Table:
 
 
 EngineOpt = Annotated[
-    str,
+    Engine,
     typer.Option(
         help="pipeline: the Kubeflow pipeline through kfp.local (what a cluster runs); "
-        "direct: the same stages called in this process."
+        "direct: the same stages called in this process.",
     ),
 ]
 
@@ -112,13 +161,6 @@ def _pinned_console() -> Iterator[None]:
         yield
     finally:
         console.file = None  # type: ignore[assignment]  # back to following sys.stdout
-
-
-def _check_engine(engine: str) -> None:
-    from npo.experiment import ENGINES
-
-    if engine not in ENGINES:
-        _fail(f"--engine {engine!r}: one of {', '.join(ENGINES)}")
 
 
 def _bad_input() -> tuple[type[Exception], ...]:
@@ -145,7 +187,7 @@ def _run_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def run(
     config: ConfigArg = None,
     set_: SetOpt = None,
@@ -155,7 +197,7 @@ def run(
 ) -> None:
     """Run (or resume) an experiment locally: warm-up, RL, evaluation, report."""
     cfg = _load(config, set_)
-    _check_engine(engine)
+    _preflight(cfg, fresh=fresh)
     _quiet_libraries(engine)
     from npo.experiment import run_experiment
     from npo.progress import RichProgress
@@ -173,9 +215,11 @@ def run(
     console.print(f"report: {summary['report']}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def compare(
-    configs: Annotated[list[Path], typer.Argument(help="Experiment YAMLs, baseline first.")],
+    configs: Annotated[
+        list[Path], typer.Argument(help="Two or more experiment YAMLs, baseline first.")
+    ],
     name: Annotated[str, typer.Option(help="Folder (under store.root) of the report.")] = (
         "comparison"
     ),
@@ -188,10 +232,15 @@ def compare(
     engine: EngineOpt = "pipeline",
 ) -> None:
     """Run several experiments (sharing the first one's warm-up) and compare them."""
+    if len(configs) < 2:
+        # One config is `npo run`; starting it as a comparison of one would train for nothing.
+        _fail(f"compare needs at least two configs (a baseline and another), got {len(configs)}")
     cfgs = [_load(c, set_) for c in configs]
     if len({c.name for c in cfgs}) != len(cfgs):
         _fail("compare: every config needs its own name (set name: in each file)")
-    _check_engine(engine)
+    for i, (path, cfg) in enumerate(zip(configs, cfgs, strict=True)):
+        # a run may name an earlier one of the comparison: it will exist by then
+        _preflight(cfg, path, fresh=fresh, planned={c.name for c in cfgs[:i]})
     _quiet_libraries(engine)
     from npo.compare import run_comparison
     from npo.progress import RichProgress
@@ -209,7 +258,7 @@ def compare(
     console.print(f"comparison: {md} and {png}")
 
 
-@app.command("eval")
+@app.command("eval", epilog=EXIT_CODES)
 def eval_(
     checkpoint: Annotated[
         Path, typer.Argument(help="A checkpoint folder (with policy/) or an HF model folder.")
@@ -247,7 +296,7 @@ def eval_(
     console.print(_summary_table({"checkpoint": str(checkpoint), **result}))
 
 
-@app.command("show-config")
+@app.command("show-config", epilog=EXIT_CODES)
 def show_config(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """Print the validated config (defaults filled in) as YAML."""
     cfg = _load(config, set_)
@@ -255,7 +304,7 @@ def show_config(config: ConfigArg = None, set_: SetOpt = None) -> None:
     typer.echo(yaml.safe_dump(public_dump(cfg), sort_keys=False), nl=False)
 
 
-@app.command("compile")
+@app.command("compile", epilog=EXIT_CODES)
 def compile_(
     configs: Annotated[
         list[Path] | None,
@@ -280,7 +329,7 @@ def compile_(
         console.print(f"{path} -> {target}", markup=False, highlight=False)
 
 
-@app.command("components")
+@app.command("components", epilog=EXIT_CODES)
 def components_(
     out: Annotated[Path, typer.Option(help="Folder of the component folders.")] = Path(
         "components"
@@ -293,7 +342,7 @@ def components_(
         console.print(str(path), markup=False, highlight=False)
 
 
-@app.command("prompt-template")
+@app.command("prompt-template", epilog=EXIT_CODES)
 def prompt_template(
     model: Annotated[str, typer.Argument(help="A model folder, or a store URI of one.")],
     system: Annotated[
@@ -317,7 +366,7 @@ def prompt_template(
     typer.echo(yaml.safe_dump({"task": {"prompt_template": text}}, width=1 << 16), nl=False)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def stage(
     source: Annotated[Path, typer.Argument(help="A model folder or a dataset file.")],
     uri: Annotated[str, typer.Argument(help="Destination in the object store: s3://bucket/key.")],
@@ -347,6 +396,8 @@ def stage(
             done = stage_input(source, uri, advance)
         except (InputError, *_unreachable()) as e:
             _fail(e)
+        except ValueError as e:  # the S3 SDK refuses a bad name, e.g. a bucket of < 3 chars
+            _fail(f"{uri}: {e}")
     console.print(
         f"{source} -> {done['uri']}: {done['files']} files, {done['bytes'] / 1e6:.1f} MB",
         markup=False,
@@ -355,7 +406,7 @@ def stage(
     )
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def submit(
     config: Annotated[Path, typer.Argument(help="Experiment YAML.")],
     host: Annotated[
@@ -373,6 +424,7 @@ def submit(
 ) -> None:
     """Compile CONFIG, upload it to Kubeflow Pipelines and start a run (prints its link)."""
     cfg = _load(config, set_)
+    _preflight(cfg, where="cluster")  # the cluster's machines, files and DB are not ours
     from npo.pipelines.submit import (
         FINAL_STATES,
         HostUnreachable,

@@ -42,6 +42,8 @@ def run_comparison(
     engine: str = "direct",
 ) -> tuple[Path, Path, list[dict[str, Any]]]:
     """Run every config, then write the comparison; returns (png, md, summaries)."""
+    if len(configs) < 2:
+        raise ValueError(f"compare needs at least two configs, got {len(configs)}")
     if len({c.name for c in configs}) != len(configs):
         raise ValueError("compare: every config needs its own name (set name: in each file)")
     first = configs[0].name

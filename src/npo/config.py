@@ -10,9 +10,12 @@ validates; any error raises `ConfigError` whose message names the field.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -21,8 +24,12 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -31,8 +38,44 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the field and the problem."""
 
 
+# What a bool, int or float field takes as is (an int is a float's whole number too).
+_EXACT: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float)}
+_KIND_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number"}
+
+
+def _check_exact(value: Any, annotation: Any) -> None:
+    """Refuse a value that pydantic's lax mode would convert into the bool, int or float
+    `annotation` (also inside `X | None`, `list[X]` and `dict[str, X]`): `true` read as 1,
+    "40" as 40, 1 as true, 40.0 as 40. Anything else is left to pydantic."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is list and isinstance(value, list):
+        for item in value:
+            _check_exact(item, args[0])
+    elif origin is dict and isinstance(value, dict):
+        for item in value.values():
+            _check_exact(item, args[1])
+    elif origin in (Union, UnionType):
+        kinds = [a for a in args if a is not NoneType]
+        if value is not None and len(kinds) == 1:
+            _check_exact(value, kinds[0])
+    elif annotation in _EXACT and (
+        isinstance(value, bool) != (annotation is bool) or not isinstance(value, _EXACT[annotation])
+    ):
+        raise ValueError(f"expected {_KIND_NAMES[annotation]}, got {value!r}")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or nan in any float: an lr of .inf would train on garbage without a word.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exact_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        # Written once for every field: a YAML typo (`steps: true`) must not run as 1.
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None:
+            _check_exact(value, field.annotation)
+        return value
 
 
 # --------------------------------------------------------------------------- tasks
@@ -81,6 +124,13 @@ class MathTaskConfig(_Strict):
         description="JSONL file of held-out {prompt, answer} lines (a path or a store URI)."
     )
     timeout_s: float = Field(5.0, gt=0, description="Per-call timeout of math-verify.")
+    batch_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Time budget of grading one batch (a rollout step's responses): what is "
+        "still ungraded when it is spent scores 0 as a timeout, so a batch of hard responses "
+        "cannot take timeout_s each.",
+    )
     prompt_template: str = Field(
         "{prompt}", description="Format string applied to each prompt; must contain {prompt}."
     )
@@ -92,7 +142,49 @@ class MathTaskConfig(_Strict):
         return self
 
 
-TaskConfig = Annotated[ArithmeticTaskConfig | MathTaskConfig, Field(discriminator="kind")]
+class CountdownTaskConfig(_Strict):
+    kind: Literal["countdown"] = "countdown"
+    count: int = Field(3, ge=2, le=6, description="Numbers per prompt, each used once.")
+    max_number: int = Field(20, ge=1, le=999, description="Numbers are drawn from 1..max_number.")
+    max_target: int = Field(
+        99, ge=1, le=9999, description="Targets above this are redrawn (difficulty, length)."
+    )
+    ops: str = Field(
+        "+-*/",
+        pattern=r"^[-+*/]+$",
+        description="Operators the generated solutions use, e.g. '+-*' (responses may use "
+        "all four).",
+    )
+    n_train: int = Field(4096, ge=1, description="Number of training prompts.")
+    n_eval: int = Field(512, ge=1, description="Number of held-out eval prompts (disjoint).")
+    seed: int = Field(1234, description="Seed of the prompt sets (independent of run seed).")
+
+    @field_validator("ops")
+    @classmethod
+    def _distinct_ops(cls, ops: str) -> str:
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"{ops!r} repeats an operator; list each once, e.g. '+-*/'")
+        return ops
+
+
+KIND = "kind"  # the key that picks the member of a union section (task)
+
+
+def _task_kind(value: Any) -> str | None:
+    """The member a task section is: its `kind`; a section without one is the default
+    (arithmetic) task. A function, not Field(discriminator=...): pydantic refuses a
+    `before` validator (_Strict._exact_scalars) on a discriminator field."""
+    if isinstance(value, dict):
+        return value.get(KIND, "arithmetic")
+    return getattr(value, KIND, None)
+
+
+TaskConfig = Annotated[
+    Annotated[ArithmeticTaskConfig, Tag("arithmetic")]
+    | Annotated[MathTaskConfig, Tag("math")]
+    | Annotated[CountdownTaskConfig, Tag("countdown")],
+    Discriminator(_task_kind),
+]
 
 
 # --------------------------------------------------------------------------- model
@@ -257,7 +349,9 @@ class AlgoConfig(_Strict):
         ge=1,
         description="Sequences per forward/backward pass: each minibatch's gradient is "
         "accumulated over micro-batches, weighted so it equals the whole minibatch's "
-        "(None = the whole minibatch at once). Bounds activation memory on a real model.",
+        "(None = the whole minibatch at once). Bounds activation memory on a real model "
+        "(memory only: may change on resume, e.g. after running out of memory).",
+        json_schema_extra={"on_resume": "any"},
     )
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the RL phase.")
     lr_warmup_steps: int = Field(
@@ -268,13 +362,32 @@ class AlgoConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(150, ge=0, description="Policy steps (rollout batches) of the RL phase.")
+    steps: int = Field(
+        150,
+        ge=0,
+        description="Policy steps (rollout batches) of the RL phase; a run resumed with more "
+        "steps continues to them.",
+        json_schema_extra={"on_resume": "grow"},
+    )
     eval_every: int = Field(10, ge=1, description="Greedy pass@1 on the eval set every K steps.")
     checkpoint_every: int = Field(25, ge=1, description="Checkpoint every M steps.")
+    no_signal_steps: int = Field(
+        10,
+        ge=1,
+        description="Warn (progress, logs, summary) after this many policy steps in a row "
+        "without a learning signal: every group all-correct or all-wrong, so every "
+        "advantage is 0 and the update does nothing (a warning only: may change on resume).",
+        json_schema_extra={"on_resume": "any"},
+    )
     eval_size: int | None = Field(
         None, ge=1, description="Eval on the first N eval prompts (None = all)."
     )
-    threads: int = Field(2, ge=1, description="torch intra-op threads.")
+    threads: int = Field(
+        2,
+        ge=1,
+        description="torch intra-op threads (speed only: may change on resume).",
+        json_schema_extra={"on_resume": "any"},
+    )
     eval_backend: Literal["hf", "rollout"] = Field(
         "hf",
         description="Greedy evaluation on HF (the same numbers whatever rollout.backend), or "
@@ -492,15 +605,40 @@ def _default_config_maps() -> list[ConfigMapEnvConfig]:
     return [ConfigMapEnvConfig(config_map_name="npo-config", env={v: v for v in variables})]
 
 
+_IMAGE = r"^\S+:[\w.-]+$|^\S+@sha256:[0-9a-f]{64}$"
+
+
+class LightStagesConfig(_Strict):
+    """Pods of the stages that never load the policy (configure, verify, keep, report):
+    they read and write the store and the DB, so they need little and any node will do."""
+
+    image: str | None = Field(
+        None,
+        pattern=_IMAGE,
+        description="Their image, e.g. the CPU image when `cluster.image` is the CUDA one "
+        "(None: cluster.image).",
+    )
+    cpu_request: str = Field(
+        "250m", pattern=_CPU, coerce_numbers_to_str=True, description="Their CPU request."
+    )
+    memory_request: str = Field("1Gi", pattern=_MEMORY, description="Their memory request.")
+    memory_limit: str | None = Field(
+        "4Gi", pattern=_MEMORY, description="Their memory limit (None: no limit)."
+    )
+    timeout: int = Field(
+        3600, ge=0, description="Their deadline in seconds (activeDeadlineSeconds; 0 = none)."
+    )
+
+
 class ClusterConfig(_Strict):
     """How `npo compile` / `npo submit` run the stages as Kubeflow Pipelines tasks. Only
     names of Secrets go into the compiled YAML, never their values."""
 
     image: str = Field(
         "ghcr.io/npo-project/npo:0.1.0-cpu",
-        pattern=r"^\S+:[\w.-]+$|^\S+@sha256:[0-9a-f]{64}$",
-        description="Image of every step (has npo and kfp installed): pin a tag or digest, "
-        "never :latest.",
+        pattern=_IMAGE,
+        description="Image of the steps that run the model (has npo and kfp installed): pin a "
+        "tag or digest, never :latest.",
     )
     secrets: list[SecretEnvConfig] = Field(
         default_factory=_default_secrets,
@@ -534,13 +672,43 @@ class ClusterConfig(_Strict):
         "1",
         pattern=_CPU,
         coerce_numbers_to_str=True,
-        description="CPU request of every step, e.g. 2 or '500m'.",
+        description="CPU request of every step that runs the model, e.g. 2 or '500m'.",
     )
     memory_request: str = Field(
-        "4Gi", pattern=_MEMORY, description="Memory request of every step, e.g. '16Gi'."
+        "4Gi",
+        pattern=_MEMORY,
+        description="Memory request of every step that runs the model, e.g. '16Gi'.",
     )
     memory_limit: str | None = Field(
-        None, pattern=_MEMORY, description="Memory limit of every step (None: no limit)."
+        None,
+        pattern=_MEMORY,
+        description="Memory limit of every step that runs the model (None: no limit).",
+    )
+    timeout: int = Field(
+        172800,
+        ge=0,
+        description="Deadline in seconds of each step that runs the model "
+        "(activeDeadlineSeconds, so a hung GPU step gives its GPU back; 0 = none). A retried "
+        "step starts a new pod with a new deadline and resumes from its last checkpoint.",
+    )
+    timeouts: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-stage deadlines in seconds that replace `timeout` (or "
+        "light.timeout), e.g. {train: 604800} for long segments.",
+    )
+    light: LightStagesConfig = Field(
+        default_factory=LightStagesConfig,
+        description="Image, requests and deadline of the stages that never load the model.",
+    )
+    run_as_user: int = Field(
+        1000, ge=1, description="uid of every step's container (never root: runAsNonRoot)."
+    )
+    run_as_group: int = Field(1000, ge=0, description="gid of every step's container.")
+    service_account: str = Field(
+        "npo-pipeline",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="ServiceAccount `npo submit` runs the pipeline under (the chart's, with "
+        "no API rights; choose it in the UI's run form too).",
     )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels every step's pod must match."
@@ -557,8 +725,26 @@ class ClusterConfig(_Strict):
     @model_validator(mode="after")
     def _pinned(self) -> ClusterConfig:
         # A moving tag would let two tasks of one run execute different code.
-        if self.image.endswith(":latest"):
-            raise ValueError("cluster.image must pin a version tag or digest, not :latest")
+        for field, image in (
+            ("cluster.image", self.image),
+            ("cluster.light.image", self.light.image),
+        ):
+            if image and image.endswith(":latest"):
+                raise ValueError(f"{field} must pin a version tag or digest, not :latest")
+        return self
+
+    @model_validator(mode="after")
+    def _timeouts_of_stages(self) -> ClusterConfig:
+        from npo.stages import STAGES
+
+        unknown = sorted(set(self.timeouts) - set(STAGES))
+        if unknown:
+            raise ValueError(
+                f"cluster.timeouts: unknown stages {unknown}; the stages are {sorted(STAGES)}"
+            )
+        negative = {k: v for k, v in self.timeouts.items() if v < 0}
+        if negative:
+            raise ValueError(f"cluster.timeouts: deadlines must be >= 0 seconds, got {negative}")
         return self
 
     @model_validator(mode="after")
@@ -617,14 +803,6 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_task_kind(cls, data: Any) -> Any:
-        # A task section without `kind` means the default (arithmetic) task.
-        if isinstance(data, dict) and isinstance(data.get("task"), dict):
-            data = {**data, "task": {"kind": "arithmetic", **data["task"]}}
-        return data
-
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
         batch = self.rollout.prompts_per_step * self.rollout.group_size
@@ -675,6 +853,63 @@ def current_dump(saved: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
+# How a field may differ when a run resumes, marked on the field as
+# json_schema_extra={"on_resume": ...}: "any" for speed and memory settings (train.threads,
+# algo.micro_batch_size), "grow" for train.steps (more steps extend the run). Any other
+# field must be equal: a resume must never mix two experiments.
+_ON_RESUME = "on_resume"
+_UNSET = object()
+
+
+def _differences(saved: Any, ours: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted path, saved value, our value) of every leaf where two dumps differ."""
+    if isinstance(saved, dict) and isinstance(ours, dict):
+        for key in sorted(saved.keys() | ours.keys(), key=str):
+            yield from _differences(saved.get(key, _UNSET), ours.get(key, _UNSET), f"{path}{key}.")
+    elif saved != ours:
+        yield path.rstrip("."), saved, ours
+
+
+def _field_at(path: str) -> Any:
+    """The FieldInfo of a dotted config path, or None (a union member's or unknown key)."""
+    model: Any = ExperimentConfig
+    field = None
+    for key in path.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        model = field.annotation
+    return field
+
+
+def _may_change(path: str, saved: Any, ours: Any) -> bool:
+    field = _field_at(path)
+    extra = field.json_schema_extra if field is not None else None
+    rule = extra.get(_ON_RESUME) if isinstance(extra, dict) else None
+    if rule == "grow":
+        return isinstance(saved, int) and isinstance(ours, int) and ours > saved
+    return rule == "any"
+
+
+def resume_conflicts(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """Why a run stored with the config dump `saved` cannot resume with `ours` (a
+    `public_dump`): one "field: stored -> ours" per field that differs and may not change
+    on resume (see _ON_RESUME); empty when it may resume. Fields added since `saved` was
+    written count with their defaults."""
+    saved = current_dump(saved) or saved
+
+    def show(value: Any) -> str:
+        return "(not set)" if value is _UNSET else repr(value)
+
+    return [
+        f"{path}: {show(old)} -> {show(new)}"
+        for path, old, new in _differences(saved, ours)
+        if not _may_change(path, old, new)
+    ]
+
+
 # --------------------------------------------------------------------------- loading
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
@@ -687,23 +922,96 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _parse_scalar(text: str) -> Any:
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that gives one key twice (PyYAML would keep the last without a word)."""
+
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first}); keep one")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter where configs need it: a key given twice in one
+    mapping is an error, and `3e-4` is a float as in YAML 1.2 (YAML 1.1 reads a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKey(key, line, first[key])
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader refuses it below
+                pass
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str, name: str) -> Any:
+    """`text` parsed with _Loader; YAML errors say `name` and the line."""
+    loader = _Loader(text)
+    loader.name = name  # what the errors' marks call the text
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _parse_scalar(raw: str, item: str) -> Any:
     # YAML scalars: ints, floats, bools, null, strings, [lists] all behave as in the file.
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(raw, "the value")
+    except _DuplicateKey as e:
+        raise ConfigError(f"override {item!r}: {e}") from None
     except yaml.YAMLError:
-        return text
+        return raw
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """The key path and the value of one `key.path=value` string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    path, _, raw = item.partition("=")
+    keys = path.strip().split(".")
+    if keys == [""]:
+        raise ConfigError(f"override {item!r}: empty key")
+    if "" in keys:
+        raise ConfigError(
+            f"override {item!r}: empty segment in the key {path.strip()!r} (write section.key)"
+        )
+    return keys, _parse_scalar(raw, item)
+
+
+def _switched(data: dict[str, Any], parsed: list[tuple[list[str], Any]]) -> list[str]:
+    """The union sections (task) whose `kind` the overrides change from the file's."""
+    switched = []
+    for section, field in ExperimentConfig.model_fields.items():
+        kinds = [value for keys, value in parsed if keys == [section, KIND]]
+        kind_of = next(
+            (m.discriminator for m in field.metadata if isinstance(m, Discriminator)), None
+        )
+        if kinds and callable(kind_of) and kinds[-1] != kind_of(data.get(section, {})):
+            switched.append(section)
+    return switched
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` strings to a nested dict (in place) and return it."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.path=value")
-        path, _, raw = item.partition("=")
-        keys = [k for k in path.strip().split(".") if k]
-        if not keys:
-            raise ConfigError(f"override {item!r}: empty key")
+    """Apply `key.path=value` strings to a nested dict (in place) and return it.
+
+    An override that changes the kind of a union section (`task.kind=math` over a file's
+    arithmetic task) first drops that section's keys from `data`: they belong to the other
+    kind. The section's other overrides then apply, in any order."""
+    parsed = [_parse_override(item) for item in overrides]
+    for section in _switched(data, parsed):
+        data.pop(section, None)
+    for item, (keys, value) in zip(overrides, parsed, strict=True):
         node = data
         for k in keys[:-1]:
             child = node.get(k)
@@ -712,8 +1020,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {k} is not a section")
             node = child
-        node[keys[-1]] = _parse_scalar(raw)
+        node[keys[-1]] = value
     return data
+
+
+def _read_config_file(p: Path) -> dict[str, Any]:
+    """The mapping a config file holds; ConfigError names the file and what is wrong."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} on line {line}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it: {e.strerror}") from None
+    try:
+        loaded = _load_yaml(text, str(p))
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if loaded is None or loaded == {}:
+        # Most likely the wrong file: running every default would start the toy for minutes.
+        raise ConfigError(
+            f"{p}: the file sets nothing (it is empty or only comments): write the settings "
+            "that differ from the defaults (e.g. name: my-run; `npo show-config` lists them "
+            "all), or give no config file to run the defaults"
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(
@@ -721,20 +1060,7 @@ def load_config(
 ) -> ExperimentConfig:
     """Read YAML at `path` (embedded defaults when None), apply overrides, validate."""
     source = str(path) if path else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+    data = _read_config_file(Path(path)) if path is not None else {}
     apply_overrides(data, list(overrides or []))
     try:
         return ExperimentConfig.model_validate(data)

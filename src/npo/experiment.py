@@ -9,10 +9,12 @@ the pipeline engine, this process only orchestrates (the step server's workers t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from npo.config import ExperimentConfig
-from npo.steps.context import ProgressFn, RunContext, is_branch, open_run
+
+if TYPE_CHECKING:  # the CLI imports ENGINES from here: nothing heavy at import time
+    from npo.steps.context import ProgressFn, RunContext
 
 
 def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
@@ -30,6 +32,7 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
         return sum(vals) / len(vals)
 
     from npo.guidance.cache import list_cache_headers
+    from npo.steps.context import is_branch
 
     guides = list_cache_headers(ctx.store, ctx.run_id)
     # Look-ahead branches are extra compute; AutoNPO's replays are already in the updates,
@@ -56,14 +59,19 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
         }
     target = ctx.cfg.warmup.target_accuracy
     warmup_steps = int(rows[0].get("warmup/steps", 0)) if rows else 0
-    warning = {}
+    from npo.learning_signal import memorised_warning, no_signal_warning
+
+    # A memorised warm-up also stops at its cap, but more steps would not help it.
+    warnings = [memorised_warning(rows[0])] if rows else []
     # The warm-up hit its step cap first (warmup.steps 0 skips it on purpose: no warning).
-    if target is not None and start < target and ctx.cfg.warmup.steps > 0:
-        warning["warning"] = (
+    if target is not None and start < target and ctx.cfg.warmup.steps > 0 and not any(warnings):
+        warnings.append(
             f"the warm-up stopped at its cap ({warmup_steps} steps) at {start:.1%}, below "
             f"warmup.target_accuracy {target:.0%}: RL started from a policy that rarely "
             "solves the task (raise warmup.steps or lower warmup.lr)"
         )
+    warnings.append(no_signal_warning(rows, ctx.cfg.train.no_signal_steps))
+    warning = {"warning": "; also ".join(w for w in warnings if w)} if any(warnings) else {}
     return {
         **warning,
         "run": ctx.run_id,
@@ -84,7 +92,8 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
     }
 
 
-ENGINES = ("pipeline", "direct")
+Engine = Literal["pipeline", "direct"]  # what run_experiment(engine=...) and `--engine` take
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 def run_experiment(
@@ -108,6 +117,7 @@ def run_experiment(
     from npo.flow import InProcess
     from npo.methods import experiment
     from npo.stages import use_compute
+    from npo.steps.context import open_run
 
     ctx = open_run(cfg, fresh=fresh, progress=progress)
     use_compute(cfg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -10,6 +12,9 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
+
+from npo.learning_signal import NO_SIGNAL, no_signal_message
 
 # Which metrics the bar shows, in order, with a short label.
 _SHOWN = {
@@ -56,3 +61,19 @@ class RichProgress:
             f"{label} {shown[key]:.3f}" for key, label in _SHOWN.items() if key in shown
         )
         self._progress.update(self._tasks[phase], completed=done, total=total, info=info)
+        for note in notes(phase, done, metrics):
+            # above the bars, where it stays when they move on
+            self._progress.console.print(Text("warning: ", style="yellow") + Text(note))
+
+
+def notes(phase: str, done: int, metrics: dict[str, float]) -> list[str]:
+    """What a progress event asks to tell the user besides the bars: a run without
+    learning signal (npo.learning_signal), e.g. "grpo step 10: no learning signal ..."."""
+    if NO_SIGNAL not in metrics:
+        return []
+    message = no_signal_message(
+        int(metrics[NO_SIGNAL]),
+        metrics.get("reward/all_correct_frac", math.nan),
+        metrics.get("reward/mean", math.nan),
+    )
+    return [f"{phase} step {done}: {message}"]

@@ -274,7 +274,10 @@ def _markdown(
     title: str,
     events: list[dict[str, Any]] | None = None,
 ) -> str:
-    out = [f"# {title}", "", "| metric | value |", "|---|---:|"]
+    out = [f"# {title}", ""]
+    if summary.get("warning"):  # first, where it is read: the numbers below may mislead
+        out += [f"> **Warning:** {summary['warning']}", ""]
+    out += ["| metric | value |", "|---|---:|"]
     out += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in summary.items()]
 
     eval_keys = sorted({k for row in history for k in row if k.startswith("eval/")})

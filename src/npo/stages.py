@@ -54,13 +54,15 @@ class Stage:
     """A stage's declaration. `fn(ctx, **params)` (or `fn(**params)` when it does not open
     the run) returns its result; `outputs` names and types the result's fields; `ui` the KFP
     UI artifacts it writes; `retried`: it writes state and resumes when re-run, so KFP
-    retries it on a cluster."""
+    retries it on a cluster; `runs_model`: it loads the policy (on a cluster it gets the
+    model steps' image, requests and deadline, the others small ones)."""
 
     fn: Callable[..., Result]
     outputs: type[tuple[Any, ...]]
     ui: tuple[str, ...] = ()
     retried: bool = False
     opens_run: bool = True
+    runs_model: bool = True
 
     @property
     def name(self) -> str:
@@ -92,11 +94,12 @@ def stage(
     ui: tuple[str, ...] = (),
     retried: bool = False,
     opens_run: bool = True,
+    runs_model: bool = True,
 ) -> Callable[[Callable[..., Result]], Callable[..., Result]]:
     """Declare a stage (see `Stage`)."""
 
     def register(fn: Callable[..., Result]) -> Callable[..., Result]:
-        STAGES[fn.__name__] = Stage(fn, outputs, ui, retried, opens_run)
+        STAGES[fn.__name__] = Stage(fn, outputs, ui, retried, opens_run, runs_model)
         return fn
 
     return register
@@ -182,7 +185,7 @@ class ConfigureOut(NamedTuple):
     config: str
 
 
-@stage(ConfigureOut, opens_run=False)
+@stage(ConfigureOut, opens_run=False, runs_model=False)
 def configure(config: str, overrides: dict) -> Result:
     """The run's config: the compiled config with the KFP UI's pipeline parameters
     (`overrides`: field -> value) written in and validated, so a bad value fails the run
@@ -237,12 +240,11 @@ def train(
     pool) is checked every `autonpo.check_every` steps, each of which is checkpointed."""
     from npo.report_ui import train_outputs
     from npo.steps.train_segment import train_segment
-    from npo.store.checkpoint import list_checkpoints
     from npo.training.state import fork_checkpoint
 
     run = context_for(ctx, run_id)
-    if fork_from and start not in list_checkpoints(ctx.store, run_id):
-        fork_checkpoint(ctx.store, fork_from, run_id, start)
+    if fork_from:  # a no-op once the copy is in the store and recorded in the DB
+        fork_checkpoint(ctx.store, fork_from, run_id, start, db=ctx.db)
     state = train_segment(
         run,
         start,
@@ -353,7 +355,7 @@ class VerifyOut(NamedTuple):
     verified: int
 
 
-@stage(VerifyOut)
+@stage(VerifyOut, runs_model=False)
 def verify(ctx: RunContext, cache_id: str) -> Result:
     """Re-verify every cached trajectory with the task's verifier before it is trained on
     (fails on a wrong one); an empty cache id passes through."""
@@ -397,7 +399,7 @@ def detect(ctx: RunContext, run_id: str, t: int, global_step: int) -> Result:
     made = [iv for iv in auto_interventions(ctx) if iv.at_step == global_step]
     if made:  # decided (and acted on) before: the same decision again
         return _decision(True, True, True, made[0].signals)
-    loaded = load_train_state(ctx.store, run_id, t, ctx.cfg.model.dtype)
+    loaded = load_train_state(ctx.store, run_id, t, ctx.cfg.model.dtype, db=ctx.db)
     d = _plateau(context_for(ctx, run_id), (loaded.model, loaded.tokenizer), t, global_step)
     return _decision(d.intervene, d.triggered, d.confirmed, d.signals)
 
@@ -456,8 +458,8 @@ def rollback(ctx: RunContext, run_id: str, t: int, global_step: int, signals: st
             {"autonpo/delta": float(delta), "autonpo/rollback_to": float(t - delta)},
             step=global_step,
         )
-    fork_checkpoint(ctx.store, back[0], lineage, back[1], {"global_step": global_step})
-    context_for(ctx, lineage)  # registers the lineage run
+    context_for(ctx, lineage)  # registers the lineage run, which the fork is recorded to
+    fork_checkpoint(ctx.store, back[0], lineage, back[1], {"global_step": global_step}, ctx.db)
     return _result(RollbackOut(lineage, run_id, back[0], back[1], delta, cache_id, False))
 
 
@@ -466,7 +468,7 @@ class KeepOut(NamedTuple):
     policy_step: int
 
 
-@stage(KeepOut, opens_run=False)
+@stage(KeepOut, opens_run=False, runs_model=False)
 def keep(run_id: str, policy_step: int) -> Result:
     """Pass where the run is through: the no-intervention branch's values for dsl.OneOf."""
     return _result(KeepOut(run_id, policy_step))
@@ -501,7 +503,7 @@ def evaluate(ctx: RunContext, run_id: str, step: int) -> Result:
     from npo.training.state import load_train_state
 
     cfg = ctx.cfg
-    loaded = load_train_state(ctx.store, run_id, step, cfg.model.dtype)
+    loaded = load_train_state(ctx.store, run_id, step, cfg.model.dtype, db=ctx.db)
     metrics = evaluate_policy(
         loaded.model, loaded.tokenizer, ctx.task, ctx.task.eval_problems(), **eval_settings(cfg)
     )
@@ -514,7 +516,7 @@ class ReportOut(NamedTuple):
     summary: dict
 
 
-@stage(ReportOut, ui=("markdown",))
+@stage(ReportOut, ui=("markdown",), runs_model=False)
 def report(ctx: RunContext) -> Result:
     """The run's report (summary, curves, interventions): to the run's output folder, the
     artifact store (`runs/<run>/report/`) and MLflow; marks the run completed."""

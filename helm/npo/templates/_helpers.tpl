@@ -83,6 +83,56 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* The service account of the pipeline steps (ClusterConfig.service_account's default). */}}
+{{- define "npo.pipelineServiceAccountName" -}}
+{{- .Values.pipeline.serviceAccount.name -}}
+{{- end -}}
+
+{{/* The labels every pipeline step's pod carries (npo.pipelines.kubernetes.POD_LABELS). */}}
+{{- define "npo.pipelinePodLabels" -}}
+app.kubernetes.io/part-of: npo
+app.kubernetes.io/component: pipeline-step
+{{- end -}}
+
+{{/*
+Whether `lookup` sees the cluster: a live list always has `items` (possibly empty), while
+helm template / lint / --dry-run=client answer every lookup with an empty map. Listing the
+release namespace's Secrets needs no right that Helm's own release storage does not.
+*/}}
+{{- define "npo.live" -}}
+{{- if hasKey (lookup "v1" "Secret" .Release.Namespace "") "items" -}}true{{- end -}}
+{{- end -}}
+
+{{/* Refuse a render that would draw new credentials without seeing the cluster:
+(dict "ctx" $ "what" (list "S3 keys" ...) "fix" (list "s3.existingSecret" ...)). */}}
+{{- define "npo.refuseOfflineGeneration" -}}
+{{- if and .what (eq .ctx.Values.credentials.offlineGeneration "fail") (not (include "npo.live" .ctx)) -}}
+{{- fail (printf "this render cannot see the cluster (helm template, lint, --dry-run=client, a GitOps tool), so it would generate new %s, and applying it would replace the ones the data was created with. Set %s to Secrets you manage (docs/deploy.md, section Credentials), or --set credentials.offlineGeneration=generate for a throwaway install or a look at the manifests" (join " and " .what) (join " and " .fix)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* With requireDigests, fail unless every image this release runs is pinned by digest. */}}
+{{- define "npo.checkDigests" -}}
+{{- if .Values.requireDigests -}}
+{{- $missing := list -}}
+{{- if not .Values.image.digest -}}
+{{- $missing = append $missing (printf "image.digest (%s:%s)" .Values.image.repository (toString .Values.image.tag)) -}}
+{{- end -}}
+{{- if and .Values.mlflow.enabled .Values.mlflow.image.repository (not .Values.mlflow.image.digest) -}}
+{{- $missing = append $missing (printf "mlflow.image.digest (%s)" .Values.mlflow.image.repository) -}}
+{{- end -}}
+{{- if and (eq .Values.s3.mode "internal") (not .Values.s3.internal.image.digest) -}}
+{{- $missing = append $missing (printf "s3.internal.image.digest (%s:%s)" .Values.s3.internal.image.repository (toString .Values.s3.internal.image.tag)) -}}
+{{- end -}}
+{{- if and (eq .Values.postgres.mode "internal") (not .Values.postgres.internal.image.digest) -}}
+{{- $missing = append $missing (printf "postgres.internal.image.digest (%s:%s)" .Values.postgres.internal.image.repository (toString .Values.postgres.internal.image.tag)) -}}
+{{- end -}}
+{{- if $missing -}}
+{{- fail (printf "requireDigests is true but these images have no digest: %s. Set each to the sha256:<64 hex> of the image you tested (e.g. `docker buildx imagetools inspect REPOSITORY:TAG`)" (join ", " $missing)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* In-cluster DNS name of a Service of this release: <fullname>-<suffix>.<namespace>.svc */}}
 {{- define "npo.serviceHost" -}}
 {{- printf "%s-%s.%s.svc" (include "npo.fullname" .ctx) .suffix .ctx.Release.Namespace -}}
@@ -121,9 +171,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- include "npo.serviceHost" (dict "ctx" . "suffix" "postgresql") -}}
 {{- end -}}
 
-{{/* Internal mode: the Secret holding the generated password (key `password`). */}}
+{{/* Internal mode: the Secret with the server's passwords (postgres-password, app-password,
+mlflow-password): generated, or postgres.internal.existingSecret. */}}
 {{- define "npo.postgres.credentialsSecret" -}}
-{{- printf "%s-postgresql" (include "npo.fullname" .) -}}
+{{- default (printf "%s-postgresql" (include "npo.fullname" .)) .Values.postgres.internal.existingSecret -}}
 {{- end -}}
 
 {{/* The Secret with NPO_METADATA_URL, and its key. */}}
@@ -131,7 +182,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if eq .Values.postgres.mode "external" -}}
 {{- required "postgres.external.existingSecret is required when postgres.mode=external" .Values.postgres.external.existingSecret -}}
 {{- else -}}
-{{- .Values.secretNames.metadataDb -}}
+{{- default .Values.secretNames.metadataDb .Values.postgres.internal.existingSecret -}}
 {{- end -}}
 {{- end -}}
 
@@ -148,7 +199,7 @@ NPO_METADATA_URL
 {{- if eq .Values.postgres.mode "external" -}}
 {{- include "npo.metadataDb.secretName" . -}}
 {{- else -}}
-{{- printf "%s-mlflow-db" (include "npo.fullname" .) -}}
+{{- default (printf "%s-mlflow-db" (include "npo.fullname" .)) .Values.postgres.internal.existingSecret -}}
 {{- end -}}
 {{- end -}}
 
@@ -223,4 +274,136 @@ storageClassName: {{ . | quote }}
 - name: AWS_DEFAULT_REGION  # the name boto3 (MLflow's S3 client) reads
   value: {{ .Values.s3.region | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* The ConfigMap data of MLflow's schema upgrade (templates/mlflow.yaml says why). */}}
+{{- define "npo.mlflowDbUpgradeScript" -}}
+mlflow_db_upgrade.py: |
+  """`mlflow db upgrade` of MLFLOW_BACKEND_STORE_URI, one writer at a time.
+
+  Run by the MLflow pods' initContainer (before the server starts) and by the init Job. It
+  waits for the database, takes a PostgreSQL advisory lock (held by its session, so released
+  if this process dies), then runs the `mlflow db upgrade` command's own code in this process,
+  so the URL with its password is on no command line. The first holder creates or upgrades
+  the schema; the others find it current.
+  """
+
+  import os
+  import sys
+  import time
+
+  import sqlalchemy as sa
+
+  LOCK_KEY = int.from_bytes(b"mlflowdb", "big")  # the same for every writer
+  WAIT_S = float(os.environ.get("NPO_DB_WAIT_S", "600"))
+
+
+  def connect(engine):
+      deadline = time.monotonic() + WAIT_S
+      while True:
+          try:
+              return engine.connect()
+          except sa.exc.OperationalError as e:  # psycopg's text names host and user, no password
+              if time.monotonic() > deadline:
+                  sys.exit(f"mlflow db upgrade: no database after {WAIT_S:.0f} s: {e.orig}")
+              print(f"mlflow db upgrade: waiting for the database: {e.orig}", flush=True)
+              time.sleep(3)
+
+
+  def main():
+      from mlflow.db import upgrade
+
+      url = os.environ["MLFLOW_BACKEND_STORE_URI"]
+      engine = sa.create_engine(url)
+      with connect(engine) as conn:
+          locked = conn.dialect.name == "postgresql"
+          if locked:
+              print("mlflow db upgrade: waiting for the schema lock", flush=True)
+              conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": LOCK_KEY})
+              conn.commit()
+          try:
+              upgrade.callback(url)
+          finally:
+              if locked:
+                  conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
+                  conn.commit()
+      engine.dispose()
+      print("mlflow db upgrade: schema current", flush=True)
+
+
+  if __name__ == "__main__":
+      main()
+{{- end -}}
+
+{{/* The ConfigMap data of the SeaweedFS pod's S3 gateway (templates/seaweedfs.yaml says why). */}}
+{{- define "npo.s3ProxyScript" -}}
+s3_proxy.py: |
+  """A TCP forwarder: the pod IP's S3 port to SeaweedFS's S3 gateway on 127.0.0.1.
+
+  `weed server` binds its S3 gRPC port to the S3 HTTP address, and that gRPC service takes
+  identity updates without credentials (the filer pushes them), so nothing of weed may
+  listen beyond the pod's loopback. This process is the only listener on the pod IP: it
+  passes bytes through unchanged (TLS-free HTTP, so S3 signatures still verify) and never
+  parses them. NPO_PROXY_LISTEN=host:port (default 0.0.0.0:8333), NPO_PROXY_TARGET=host:port.
+  """
+
+  import asyncio
+  import contextlib
+  import os
+  import signal
+
+  CHUNK = 1 << 20
+
+
+  def address(name, default):
+      host, _, port = os.environ.get(name, default).rpartition(":")
+      return host, int(port)
+
+
+  LISTEN = address("NPO_PROXY_LISTEN", "0.0.0.0:8333")
+  TARGET = address("NPO_PROXY_TARGET", "127.0.0.1:8334")
+
+
+  async def pipe(reader, writer):
+      try:
+          while data := await reader.read(CHUNK):
+              writer.write(data)
+              await writer.drain()
+          if writer.can_write_eof():
+              writer.write_eof()  # pass the half-close on: the request is complete
+      except OSError:
+          writer.transport.abort()
+
+
+  async def handle(client_reader, client_writer):
+      try:
+          server_reader, server_writer = await asyncio.open_connection(*TARGET)
+      except OSError as e:
+          print(f"s3 proxy: {TARGET[0]}:{TARGET[1]} unreachable: {e}", flush=True)
+          client_writer.transport.abort()
+          return
+      try:
+          await asyncio.gather(
+              pipe(client_reader, server_writer), pipe(server_reader, client_writer)
+          )
+      finally:
+          for writer in (client_writer, server_writer):
+              writer.close()
+              with contextlib.suppress(OSError):
+                  await writer.wait_closed()
+
+
+  async def main():
+      server = await asyncio.start_server(handle, *LISTEN, reuse_address=True, backlog=512)
+      print(f"s3 proxy: {LISTEN[0]}:{LISTEN[1]} -> {TARGET[0]}:{TARGET[1]}", flush=True)
+      stop = asyncio.Event()
+      loop = asyncio.get_running_loop()
+      for sig in (signal.SIGTERM, signal.SIGINT):
+          loop.add_signal_handler(sig, stop.set)
+      async with server:
+          await stop.wait()
+
+
+  if __name__ == "__main__":
+      asyncio.run(main())
 {{- end -}}

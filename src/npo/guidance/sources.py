@@ -98,7 +98,9 @@ class CachedGuidance(Stateless):
 
 @dataclass
 class GoldTeacher(Stateless):
-    """LUFFY with gold solutions: every group gets the task's gold response + EOS."""
+    """LUFFY with gold solutions: every group gets the task's teacher response (the
+    problem's `teacher` text where the task has an external solver's, else the gold
+    `target`) + EOS."""
 
     tokenizer: PreTrainedTokenizerBase
     shaped: bool = True
@@ -106,14 +108,13 @@ class GoldTeacher(Stateless):
 
     def trajectory(self, problem: Problem) -> GuideTrajectory:
         if problem.id not in self._memo:
-            ids = self.tokenizer(problem.target, add_special_tokens=False)["input_ids"]
+            text = problem.teacher or problem.target
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             # The tokenizer's EOS (the first stop id, which every policy has) ends it: any
             # stop id would do, and this keeps the trajectory independent of model.stop_tokens.
             ids = [*ids, self.tokenizer.eos_token_id]
             # Behaviour probability 1 (log-prob 0): LUFFY's convention for teacher tokens.
-            self._memo[problem.id] = GuideTrajectory(
-                problem.id, ids, [0.0] * len(ids), problem.target, 1.0
-            )
+            self._memo[problem.id] = GuideTrajectory(problem.id, ids, [0.0] * len(ids), text, 1.0)
         return self._memo[problem.id]
 
     def pick(self, problems: list[Problem], rewards: torch.Tensor) -> Pick:

@@ -57,7 +57,8 @@ def luffy_source(ctx: RunContext) -> TrajectorySource:
     from npo.guidance.sources import GoldTeacher
     from npo.training.state import load_train_state
 
-    return GoldTeacher(load_train_state(ctx.store, ctx.root_id, 0, ctx.cfg.model.dtype).tokenizer)
+    start = load_train_state(ctx.store, ctx.root_id, 0, ctx.cfg.model.dtype, db=ctx.db)
+    return GoldTeacher(start.tokenizer)
 
 
 def exgrpo_source(ctx: RunContext) -> TrajectorySource:

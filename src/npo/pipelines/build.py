@@ -28,7 +28,7 @@ from npo.config import ExperimentConfig, public_dump
 from npo.flow import Branch, Outputs
 from npo.methods import METHODS, experiment
 from npo.pipelines.components import make_components
-from npo.pipelines.kubernetes import apply_cluster
+from npo.pipelines.kubernetes import apply_cluster, image_of
 from npo.pipelines.parameters import pipeline_parameters
 from npo.stages import STAGES
 
@@ -60,7 +60,7 @@ class Graph:
     def __init__(
         self,
         cfg: ExperimentConfig,
-        components: dict[str, BaseComponent],
+        components: dict[str, dict[str, BaseComponent]],  # image -> stage -> component
         config: Any,
         local: bool,
     ) -> None:
@@ -72,7 +72,7 @@ class Graph:
         declared = STAGES[stage.__name__]
         if declared.opens_run:
             params = {"config": self.config, **params}
-        task = self.components[declared.name](**params)
+        task = self.components[image_of(declared, self.cfg.cluster)][declared.name](**params)
         task.set_display_name(label)
         if isinstance(after, TaskOutputs):
             task.after(after.task)
@@ -100,7 +100,8 @@ def build_pipeline(cfg: ExperimentConfig, *, local: bool = False) -> Any:
     local=True leaves out the `cluster:` settings: kfp.local ignores resources and Secrets
     (warning about each task) but honours retries, whose back-off would make a failing
     local stage wait minutes before the run fails."""
-    components = make_components(cfg.cluster.image)
+    images = {image_of(st, cfg.cluster) for st in STAGES.values()}
+    components = {image: make_components(image) for image in sorted(images)}
     offered = pipeline_parameters(cfg)
 
     def pipeline(*values: Any) -> dict:

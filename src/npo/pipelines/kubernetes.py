@@ -28,20 +28,45 @@ STEP_ENVIRONMENT = (
 )
 
 
+# Labels of every step's pod: the chart's NetworkPolicies let pods carrying them reach S3,
+# PostgreSQL and MLflow (helm/npo/templates/networkpolicy.yaml selects exactly these).
+POD_LABELS = {
+    "app.kubernetes.io/part-of": "npo",
+    "app.kubernetes.io/component": "pipeline-step",
+}
+
+
+def image_of(stage: Stage, cluster: ClusterConfig) -> str:
+    """The image `stage` runs: the stages that never load the model may take a smaller one."""
+    if not stage.runs_model and cluster.light.image:
+        return cluster.light.image
+    return cluster.image
+
+
 def apply_cluster(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> PipelineTask:
     """Configure `task` (running `stage`) for the cluster and return it.
 
     Caching is off for every task: stages are idempotent through the store and must run
     again when a run is resumed or repeated, which KFP's cache would skip. Every task gets
-    the node selector and tolerations; a stage that does not open the run (it only handles
-    values) nothing else; one that writes state and resumes when re-run (`stage.retried`)
-    is retried.
+    the node selector and tolerations, the pod labels, a non-root security context (Pod
+    Security `restricted`: KFP's compiler adds no privilege escalation, no capabilities and
+    the runtime's seccomp profile), requests and a deadline sized by whether it runs the
+    model; a stage that does not open the run (it only handles values) nothing else; one
+    that writes state and resumes when re-run (`stage.retried`) is retried.
     """
     task.set_caching_options(enable_caching=False)
     _placement(task, cluster)  # every pod must be schedulable (tainted nodes, pools)
+    for key, value in POD_LABELS.items():
+        kubernetes.add_pod_label(task, label_key=key, label_value=value)
+    kubernetes.set_security_context(
+        task,
+        run_as_user=cluster.run_as_user,
+        run_as_group=cluster.run_as_group,
+        run_as_non_root=True,
+    )
+    _resources(task, stage, cluster)
     if not stage.opens_run:
         return task
-    _resources(task, stage.name, cluster)
     if stage.retried and cluster.retry.count > 0:
         retry = cluster.retry
         task.set_retry(
@@ -54,13 +79,18 @@ def apply_cluster(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> P
     return task
 
 
-def _resources(task: PipelineTask, stage: str, cluster: ClusterConfig) -> None:
-    """CPU/memory requests of every stage; the accelerator only on the GPU stages."""
-    task.set_cpu_request(cluster.cpu_request)
-    task.set_memory_request(cluster.memory_request)
-    if cluster.memory_limit:
-        task.set_memory_limit(cluster.memory_limit)
-    if cluster.accelerator_type and stage in cluster.gpu_steps:
+def _resources(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> None:
+    """Requests, limit and deadline: the model steps' or the light ones'; the accelerator
+    only on the GPU stages."""
+    sized = cluster if stage.runs_model else cluster.light
+    task.set_cpu_request(sized.cpu_request)
+    task.set_memory_request(sized.memory_request)
+    if sized.memory_limit:
+        task.set_memory_limit(sized.memory_limit)
+    timeout = cluster.timeouts.get(stage.name, sized.timeout)
+    if timeout:
+        kubernetes.set_timeout(task, timeout)
+    if cluster.accelerator_type and stage.name in cluster.gpu_steps:
         task.set_accelerator_type(cluster.accelerator_type)
         task.set_accelerator_limit(cluster.accelerator_count)
 

@@ -8,6 +8,10 @@ server's worker has everything imported and runs the stage with the task's envir
 working directory and stdout. Its progress events reach `progress` (the CLI's bars).
 kfp.local's own log (every task's inputs, outputs and output lines) goes to
 `<run_dir>/pipeline.log`.
+
+kfp.local's lightweight components write their code to `$(mktemp -d)/ephemeral_component.py`
+and never remove it (kfp/dsl/component_factory.py): the tasks get a TMPDIR of their own,
+emptied after each run and removed with the step server.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,13 +104,22 @@ class LocalPipelines:
         from npo.stepserver import StepServer
 
         self._server = StepServer(preload=PRELOAD, on_progress=progress)
+        self._tmp: Path | None = None
 
     def __enter__(self) -> LocalPipelines:
+        # mkdtemp also fixes this process's own temp folder (tempfile caches its choice)
+        # before the tasks' TMPDIR is set in os.environ.
+        self._tmp = Path(tempfile.mkdtemp(prefix="npo-kfp-"))
         self._server.launch()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.close()
+        try:
+            self._server.close()
+        finally:
+            # After the worker: it may have made the folder its own temp folder.
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
 
     def run(self, cfg: ExperimentConfig, fresh: bool = False) -> dict[str, Any]:
         """Run (or resume) the experiment `cfg` as its pipeline; returns the run summary.
@@ -114,6 +129,8 @@ class LocalPipelines:
         its last checkpoint."""
         from npo.pipelines.build import build_pipeline
 
+        if self._tmp is None:
+            raise RuntimeError("LocalPipelines.run needs `with LocalPipelines(...)`")
         # Validate the config and endpoints, wipe a previous run (fresh), create the run
         # folder and the MLflow run here, before any task starts; the tasks reopen the run.
         ctx = open_run(cfg, fresh=fresh)
@@ -123,8 +140,21 @@ class LocalPipelines:
         pipeline = build_pipeline(cfg, local=True)
         self._server.wait_ready()  # at once when it serves; a new worker if one died
         # Workers take the task's environment, so per-run secrets travel with the tasks.
-        summary = _run_dag(pipeline, run_dir, {**secret_env(cfg), **self._server.env()})
+        env = {**secret_env(cfg), **self._server.env(), "TMPDIR": str(self._tmp)}
+        try:
+            summary = _run_dag(pipeline, run_dir, env)
+        finally:
+            _empty(self._tmp)  # the tasks' ephemeral_component.py folders
         return dict(summary)
+
+
+def _empty(folder: Path) -> None:
+    """Remove what `folder` holds, keeping the folder itself."""
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def run_pipeline(

@@ -133,6 +133,7 @@ def submit_experiment(client: Any, cfg: ExperimentConfig, host: str, experiment:
             job_name=f"{name}-{stamp}",
             pipeline_id=pipeline_id,
             version_id=version_id,
+            service_account=cfg.cluster.service_account,  # the chart's: no API rights
         )
     return Submission(
         pipeline_id, version_id, exp.experiment_id, run.run_id, run_url(host, run.run_id)

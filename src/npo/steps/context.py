@@ -8,7 +8,9 @@ a cluster's pods share no disk. The folder only receives what a user reads (the 
 summary.json, an export of the history, the config as YAML).
 
 A run remembers the config it was started with; re-opening it with a different config is
-refused, so a resume can never silently mix two experiments.
+refused, naming the fields that differ, so a resume can never silently mix two experiments
+(speed settings such as train.threads may change, and train.steps may grow: see
+`npo.config.resume_conflicts`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from npo.config import ExperimentConfig, current_dump, public_dump
+from npo.config import ExperimentConfig, public_dump, resume_conflicts
 from npo.store.artifacts import ArtifactStore, open_store
 from npo.store.checkpoint import list_checkpoints
 from npo.store.metadata import MetadataDB, RunRow, default_metadata_url
@@ -97,11 +99,6 @@ class RunContext:
         _close(self.db, self.task)
 
 
-def same_config(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
-    """Whether a stored config dump is `ours` (a `public_dump`), fields added since included."""
-    return saved == ours or current_dump(saved) == ours
-
-
 def is_main_line(root_id: str, run_id: str) -> bool:
     """True for the run itself and its rollback lineages, False for look-ahead branches."""
     return re.fullmatch(rf"{re.escape(root_id)}(\.r\d+)?", run_id) is not None
@@ -161,12 +158,14 @@ def open_run(
         store.delete_prefix(f"runs/{cfg.name}.")  # its look-ahead branches and lineages
         db.delete_run(cfg.name)  # and its rows (branches' and lineages'): AutoNPO replays them
     row = db.get_run(cfg.name)
-    if row is not None and not same_config(row.config, ours):
+    changed = resume_conflicts(row.config, ours) if row is not None else []
+    if changed:
         _close(db, task)
         raise RunConflict(
             f"run {cfg.name!r} was started with a different config (metadata DB "
-            f"{db.safe_url}); resume it with the same config, pick another name "
-            "(--set name=...), or pass --fresh to restart it"
+            f"{db.safe_url}): {'; '.join(changed)}. Resume it with the same values (only "
+            "speed settings such as train.threads may change, and train.steps may grow), "
+            "pick another name (--set name=...), or pass --fresh to restart it"
         )
     if row is None and list_checkpoints(store, cfg.name):
         # checkpoints without their run (a metadata DB deleted or swapped): resuming would

@@ -52,7 +52,9 @@ def sample_checkpoint(
     stream: int,
 ) -> CheckpointRollout:
     """Load `checkpoint` (run_id, step) and sample it as `sample_policy` does."""
-    loaded = load_train_state(ctx.store, checkpoint[0], checkpoint[1], ctx.cfg.model.dtype)
+    loaded = load_train_state(
+        ctx.store, checkpoint[0], checkpoint[1], ctx.cfg.model.dtype, db=ctx.db
+    )
     return sample_policy(ctx, (loaded.model, loaded.tokenizer), problems, n, seed_step, stream)
 
 

@@ -61,7 +61,8 @@ def choose_rollback_distance(ctx: RunContext, chain: Lineage, t: int) -> dict[st
     current_lp = sequence_logprobs(rollout.model, batch, temperature, chunk)
     v_hat = {}
     for d, ref in past.items():
-        past_model = load_train_state(ctx.store, ref[0], ref[1], ctx.cfg.model.dtype).model
+        loaded = load_train_state(ctx.store, ref[0], ref[1], ctx.cfg.model.dtype, db=ctx.db)
+        past_model = loaded.model
         past_lp = sequence_logprobs(past_model, batch, temperature, chunk)
         v_hat[d] = mean_token_kl(current_lp, past_lp, batch.response_mask)
     q_hat = q_hat_from_pool(rates, slices, t, list(past))

@@ -27,11 +27,17 @@ from npo.algo import compute_advantages, zero_variance_fraction
 from npo.algo.npo import offpolicy_stats, old_logprobs_for_mix, pass_rates
 from npo.guidance.inject import inject_guidance
 from npo.guidance.sources import TrajectorySource
+from npo.learning_signal import (
+    NO_SIGNAL,
+    TRAINED_ZERO_VAR,
+    trailing_streak,
+    without_signal,
+)
 from npo.policy import stop_token_ids
 from npo.rollout import RolloutBatch, rollout
 from npo.steps.context import RunContext
 from npo.steps.evaluate import eval_settings, evaluate_policy
-from npo.store.checkpoint import list_checkpoints, read_manifest
+from npo.store.checkpoint import list_checkpoints, read_manifest, recorded_steps
 from npo.tasks import Problem, Task
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
 from npo.training.rl_step import ppo_update, sequence_logprobs
@@ -58,6 +64,16 @@ def rollout_metrics(
         "response/length_mean": float(lengths.mean()),
         "response/truncated_frac": 1.0 - float(ended.float().mean()),
     }
+
+
+def note_signal(cfg: ExperimentConfig, metrics: dict[str, float], streak: int) -> int:
+    """The no-signal streak after a step with `metrics`. When it reaches
+    `train.no_signal_steps`, marks that step (NO_SIGNAL: history, MLflow, and the progress,
+    which says why) so a run that trains nothing does not go unnoticed."""
+    streak = streak + 1 if without_signal(metrics) else 0
+    if streak == cfg.train.no_signal_steps:
+        metrics[NO_SIGNAL] = float(streak)
+    return streak
 
 
 def scored_rollout(
@@ -93,7 +109,7 @@ def finished_state(ctx: RunContext, start_step: int, end_step: int) -> dict[str,
     checkpoint's manifest, when it already ended (at end_step, or stopped by its watch);
     None when there is training left. No weights are loaded."""
     step = _resume_point(ctx, start_step, end_step)
-    state = read_manifest(ctx.store, ctx.run_id, step)["meta"]
+    state = read_manifest(ctx.store, ctx.run_id, step, ctx.db)["meta"]
     if step > start_step and state.get("trigger"):
         return state
     if step == end_step:  # an empty segment (start = end) must not report an older stop
@@ -103,6 +119,9 @@ def finished_state(ctx: RunContext, start_step: int, end_step: int) -> dict[str,
 
 def _resume_point(ctx: RunContext, start_step: int, end_step: int) -> int:
     done = [s for s in list_checkpoints(ctx.store, ctx.run_id) if start_step <= s <= end_step]
+    recorded = recorded_steps(ctx.db, ctx.run_id)
+    if recorded:  # one saved but not recorded when the task died is redone, not trusted
+        done = [s for s in done if s in recorded]
     if not done:
         raise FileNotFoundError(
             f"run {ctx.run_id}: no checkpoint at step {start_step} to start the segment from"
@@ -147,6 +166,7 @@ def _mix_in(
     metrics = {
         "npo/gated_frac": float(mixed.gated.float().mean()),
         "npo/guided_frac": float(mixed.replaced.float().mean()),
+        TRAINED_ZERO_VAR: zero_variance_fraction(mixed.rewards),
         **offpolicy_stats(
             current,
             old,
@@ -178,7 +198,7 @@ def train_segment(
         return done
     cfg, algo, ro = ctx.cfg, ctx.cfg.algo, ctx.cfg.rollout
     step = _resume_point(ctx, start_step, end_step)
-    loaded = load_train_state(ctx.store, ctx.run_id, step, cfg.model.dtype)
+    loaded = load_train_state(ctx.store, ctx.run_id, step, cfg.model.dtype, db=ctx.db)
     model, tokenizer = loaded.model, loaded.tokenizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr, weight_decay=algo.weight_decay)
     if loaded.optimizer_state is not None:
@@ -188,7 +208,8 @@ def train_segment(
     ref_model = None
     if algo.kl_coef > 0:
         # The reference is the warm-up policy of the experiment (branches included).
-        ref_model = load_train_state(ctx.store, ctx.root_id, 0, cfg.model.dtype).model.eval()
+        ref = load_train_state(ctx.store, ctx.root_id, 0, cfg.model.dtype, db=ctx.db)
+        ref_model = ref.model.eval()
     slot_source = source()
     if slot_source is not None:
         slot_source.restore(loaded.extra)
@@ -197,6 +218,8 @@ def train_segment(
     if step < end_step:  # resuming mid-segment: rows past the checkpoint died with a crash
         truncate_history(ctx, state["global_step"])
 
+    # steps without signal so far (a resumed or later segment goes on counting)
+    streak = trailing_streak(ctx.history(until_step=state["global_step"]))
     train: list[Problem] = ctx.task.train_problems()
     evals = ctx.task.eval_problems()[: cfg.train.eval_size]
     # Progress in policy steps of the whole run: a run cut into several train tasks (a
@@ -254,6 +277,7 @@ def train_segment(
             "perf/rollout_tokens_per_s": sampled_tokens / max(t_rollout, 1e-9),
             "perf/train_tokens_per_s": tokens * algo.ppo_epochs / max(t_train, 1e-9),
         }
+        streak = note_signal(cfg, metrics, streak)
         state["global_step"] += 1
         state["policy_step"] = step
         # a check may end the segment: evaluate there too, as at every segment's end

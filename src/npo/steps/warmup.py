@@ -1,6 +1,7 @@
 """Pipeline step: build the initial policy and warm it up on gold answers -> checkpoint 0.
 
-Idempotent: when checkpoint 0 of the run exists, nothing is recomputed.
+Idempotent: when checkpoint 0 of the run exists (and the metadata DB recorded it), nothing
+is recomputed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from npo.config import current_dump, public_dump
 from npo.policy import init_policy
 from npo.steps.context import RunConflict, RunContext
 from npo.steps.evaluate import eval_settings, evaluate_policy
-from npo.store.checkpoint import list_checkpoints, read_manifest
+from npo.store.checkpoint import list_checkpoints, recorded_steps
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
 from npo.training.seeding import batch_indices, derive_seed, seed_everything
 from npo.training.sft import sft_step
@@ -24,8 +25,15 @@ from npo.training.state import fork_checkpoint, save_train_state
 def warmup(ctx: RunContext) -> dict[str, float]:
     """Run the supervised warm-up and commit it as checkpoint 0; returns its eval metrics."""
     cfg = ctx.cfg
-    if 0 in list_checkpoints(ctx.store, ctx.run_id):
+    # done once recorded: a checkpoint 0 whose recording died with the task is redone, as a
+    # run with recorded checkpoints refuses to load an unrecorded one
+    if 0 in list_checkpoints(ctx.store, ctx.run_id) and 0 in recorded_steps(ctx.db, ctx.run_id):
         return {}
+    # where the gold targets are first used: a dataset line whose answer cannot score is
+    # refused here, once per run (the math task's check)
+    check = getattr(ctx.task, "check_gold_answers", None)
+    if check is not None:
+        check()
     source = cfg.warmup.init_from
     if source and 0 in list_checkpoints(ctx.store, source):
         return _reuse(ctx, source)
@@ -59,6 +67,8 @@ def warmup(ctx: RunContext) -> dict[str, float]:
             break
     result = evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(cfg))
     result["warmup/steps"] = float(done)
+    if done:  # its last train loss: near 0 at a low accuracy = memorised (summarize says)
+        result["warmup/train_loss"] = float(metrics["sft/loss"])
     result["perf/warmup_seconds"] = time.perf_counter() - started
     state = {
         "policy_step": 0,
@@ -109,10 +119,10 @@ def _reuse(ctx: RunContext, source: str) -> dict[str, float]:
             f"warmup.init_from={source}: that run's {', '.join(differ)} settings differ "
             f"from this run's; its checkpoint 0 is not this run's warm-up"
         )
-    fork_checkpoint(ctx.store, source, ctx.run_id, 0)
+    manifest = fork_checkpoint(ctx.store, source, ctx.run_id, 0, db=ctx.db)
     (first,) = ctx.db.history(source, until_step=0)
     metrics = {k: v for k, v in first.items() if k not in ("step", "policy_step")}
     truncate_history(ctx, -1)
     record_metrics(ctx, metrics, global_step=0, policy_step=0)
-    record_checkpoint(ctx, 0, read_manifest(ctx.store, ctx.run_id, 0), metrics)
+    record_checkpoint(ctx, 0, manifest, metrics)  # again, with the history row's metrics
     return metrics

@@ -14,7 +14,14 @@ refuses them. A crash before the manifest write leaves an invisible step that th
     store = open_store("file:///tmp/npo-artifacts")
     manifest = save_checkpoint(store, "run-1", 25, Path("out/ckpt"), {"policy_step": 25})
     step = latest_checkpoint(store, "run-1")
-    load_checkpoint(store, "run-1", step, Path("work/ckpt"))
+    load_checkpoint(store, "run-1", step, Path("work/ckpt"), db)
+
+The manifest next to the files proves they are intact, not that they are what training
+wrote: whoever can write the bucket can rewrite both. So the committing process also records
+the manifest's digest in the metadata DB (``npo.training.history.record_checkpoint``), and
+``read_manifest`` / ``load_checkpoint`` given that DB refuse a manifest it did not record
+(``verify_recorded``). Without a DB (tools holding only a store, the store's own tests) they
+check the files against the manifest alone.
 """
 
 from __future__ import annotations
@@ -24,15 +31,23 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from npo.store.artifacts import ArtifactNotFound, ArtifactStore
+
+if TYPE_CHECKING:  # not at runtime: the GPU image loads checkpoints without SQLAlchemy
+    from npo.store.metadata import CheckpointRow, MetadataDB
 
 MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not match its manifest."""
+
+
+class CheckpointNotRecorded(CheckpointError):
+    """A checkpoint's manifest is not the one the metadata DB recorded at commit: changed
+    since (files and manifest rewritten together) or never committed by a training process."""
 
 
 def _ckpt_root(run_id: str) -> str:
@@ -142,8 +157,11 @@ def latest_checkpoint(store: ArtifactStore, run_id: str) -> int | None:
     return steps[-1] if steps else None
 
 
-def read_manifest(store: ArtifactStore, run_id: str, step: int) -> dict[str, Any]:
-    """The manifest of a committed checkpoint; CheckpointError if it is absent or malformed."""
+def read_manifest(
+    store: ArtifactStore, run_id: str, step: int, db: MetadataDB | None = None
+) -> dict[str, Any]:
+    """The manifest of a committed checkpoint; CheckpointError if it is absent or malformed,
+    and with `db`, CheckpointNotRecorded if it is not the one the DB recorded."""
     key = f"{checkpoint_prefix(run_id, step)}/{MANIFEST}"
     try:
         manifest = json.loads(store.get_bytes(key))
@@ -158,12 +176,53 @@ def read_manifest(store: ArtifactStore, run_id: str, step: int) -> dict[str, Any
             f"run {run_id!r} step {step}: {MANIFEST} names run {manifest.get('run_id')!r} "
             f"step {manifest.get('step')!r}"
         )
+    if db is not None:
+        verify_recorded(db, manifest)
     return manifest
 
 
-def load_checkpoint(store: ArtifactStore, run_id: str, step: int, dest: Path) -> dict[str, Any]:
-    """Download a committed checkpoint into ``dest``, verify every file, return the manifest."""
-    manifest = read_manifest(store, run_id, step)
+def recorded_steps(db: MetadataDB, run_id: str) -> set[int]:
+    """Steps of ``run_id`` whose checkpoints the metadata DB recorded."""
+    return {row.step for row in db.checkpoints(run_id)}
+
+
+def verify_recorded(db: MetadataDB, manifest: dict[str, Any]) -> CheckpointRow | None:
+    """Check that ``manifest`` is the one the metadata DB recorded when its checkpoint was
+    committed; return that row. CheckpointNotRecorded names run, step and both digests.
+
+    A run the DB holds no checkpoint of at all passes (None): one whose first save crashed
+    before it was recorded, or checkpoints written by a tool without the DB. A run with
+    rows must have recorded this step, with this manifest's digest.
+    """
+    run_id, step = manifest["run_id"], manifest["step"]
+    rows = {row.step: row for row in db.checkpoints(run_id)}
+    if not rows:
+        return None
+    digest = manifest_digest(manifest)
+    row = rows.get(step)
+    if row is None:
+        raise CheckpointNotRecorded(
+            f"run {run_id!r} step {step}: the metadata DB recorded no checkpoint at this step "
+            f"(it has {len(rows)} other steps of the run); manifest sha256 {digest}, "
+            f"recorded sha256 none: refusing a checkpoint no training process committed"
+        )
+    if row.manifest_sha256 != digest:
+        raise CheckpointNotRecorded(
+            f"run {run_id!r} step {step}: manifest sha256 {digest} differs from the sha256 "
+            f"{row.manifest_sha256} the metadata DB recorded at commit: the checkpoint "
+            f"changed after it was committed, refusing it"
+        )
+    return row
+
+
+def load_checkpoint(
+    store: ArtifactStore, run_id: str, step: int, dest: Path, db: MetadataDB | None = None
+) -> dict[str, Any]:
+    """Download a committed checkpoint into ``dest``, verify every file, return the manifest.
+
+    With ``db`` the manifest is first checked against the DB's record (``verify_recorded``),
+    so nothing is downloaded from a checkpoint changed since its commit."""
+    manifest = read_manifest(store, run_id, step, db)
     fetch_folder_files(store, checkpoint_prefix(run_id, step), manifest, Path(dest), f"step {step}")
     return manifest
 

@@ -15,12 +15,14 @@ from typing import Any
 from npo.config import TaskConfig
 from npo.tasks.arithmetic import ArithmeticTask
 from npo.tasks.base import Problem, Task, TaskError, Verdict
+from npo.tasks.countdown import CountdownTask
 from npo.tasks.math_jsonl import MathTask
 
 # kind (the `task.kind` config value) -> factory taking that kind's config.
 TASKS: dict[str, Callable[[Any], Task]] = {
     "arithmetic": ArithmeticTask,
     "math": MathTask,
+    "countdown": CountdownTask,
 }
 
 
@@ -35,6 +37,7 @@ def make_task(cfg: TaskConfig) -> Task:
 __all__ = [
     "TASKS",
     "ArithmeticTask",
+    "CountdownTask",
     "MathTask",
     "Problem",
     "Task",

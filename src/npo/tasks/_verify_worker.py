@@ -5,22 +5,27 @@ thread only) and nothing in-process can stop a hang inside C code: the parent ki
 process instead. It is run by path (`python -P _verify_worker.py`) and imports nothing from
 npo. Protocol, JSON lines (ASCII):
 
-    stdin   {"timeout_s": 5.0, "items": [{"gold": "3", "response": "\\boxed{3}"}, ...]}
+    stdin   {"timeout_s": 5.0, "budget_s": 60.0,
+             "items": [{"gold": "3", "response": "\\boxed{3}"}, ...]}
     stdout  {"ready": true}                          once, after imports and a warm-up
             {"reward": 1.0, "reason": "correct"}     one per item, in order, as each is done
 
-Each item gets a soft timeout here (SIGALRM -> "timeout", the process lives on); the parent
-adds a hard one. Test hooks on an item: "sleep_s" sleeps before grading; with
-"block_alarm": true SIGALRM is blocked meanwhile, which acts like a hang in C code.
+Each item gets a soft timeout here (SIGALRM -> "timeout", the process lives on), cut to what
+is left of the request's `budget_s` (optional; items after it is spent get "timeout: batch
+budget spent" at once); the parent adds a hard one. Test hooks on an item: "sleep_s"
+sleeps before grading; with "block_alarm": true SIGALRM is blocked meanwhile, which acts
+like a hang in C code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import decimal
 import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -29,6 +34,12 @@ from typing import Any, TextIO
 from math_verify import parse, verify
 
 MEMORY_LIMIT_BYTES = 4 << 30  # an expression that wants more fails with MemoryError instead
+# A number in E notation (1e5, 2.5E-3), not part of a word or a longer number; math-verify
+# reads "1e5" as 1. Exponents past MAX_EXPONENT are left alone (no million-digit strings).
+_E_NOTATION = re.compile(r"(?<![\w.\\])(\d+(?:\.\d*)?|\.\d+)[eE]([+-]?\d+)(?![\w.])")
+MAX_EXPONENT = 30
+BUDGET_SPENT = "timeout: batch budget spent"
+_DELIMITED = re.compile(r"\$|\\boxed|\\\(|\\\[")
 
 
 def grade(gold: str, response: str) -> tuple[float, str]:
@@ -41,18 +52,40 @@ def grade(gold: str, response: str) -> tuple[float, str]:
     >>> grade("3", "no idea")
     (0.0, 'no answer found')
     """
-    gold_parsed = _parse_gold(gold)
+    gold_parsed = _parse_gold(expand_e_notation(gold))
     if not gold_parsed:
         return 0.0, f"gold answer not parsable: {_head(gold)}"
-    pred = parse(response, parsing_timeout=None)
+    text = expand_e_notation(response)
+    pred = parse(text, parsing_timeout=None)
+    if pred and verify(list(gold_parsed), pred, timeout_seconds=None):
+        return 1.0, "correct"
+    # A bare answer (no $, \boxed, \( or \[) is also read the way a bare gold is: in
+    # \boxed{}, else math-verify takes "3\sqrt{2}" for 3; what the warm-up teaches is bare.
+    if not _DELIMITED.search(text):
+        boxed = parse(f"\\boxed{{{text}}}", parsing_timeout=None)
+        if boxed and verify(list(gold_parsed), boxed, timeout_seconds=None):
+            return 1.0, "correct"
     if not pred:
         return 0.0, "no answer found"
-    if verify(list(gold_parsed), pred, timeout_seconds=None):
-        return 1.0, "correct"
     # parse() returns [sympy object, matched text]; never str() the sympy object, which can
     # take forever for huge expressions.
     got = next((p for p in reversed(pred) if isinstance(p, str)), "?")
     return 0.0, f"wrong: got {_head(got)}, want {_head(gold)}"
+
+
+def expand_e_notation(text: str) -> str:
+    """Numbers in E notation written out as decimals, exactly; the rest of `text` as is.
+
+    >>> expand_e_notation("1e5 and 2.5E-3, not e5, x2e3 or 1e99")
+    '100000 and 0.0025, not e5, x2e3 or 1e99'
+    """
+
+    def plain(m: re.Match[str]) -> str:
+        if abs(int(m.group(2))) > MAX_EXPONENT:
+            return m.group(0)
+        return format(decimal.Decimal(m.group(0)), "f")
+
+    return _E_NOTATION.sub(plain, text)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -132,9 +165,14 @@ def main() -> None:
     _send(out, {"ready": True})
     for line in sys.stdin:
         request = json.loads(line)
+        deadline = time.monotonic() + float(request.get("budget_s") or "inf")
         for item in request["items"]:
+            left = min(float(request["timeout_s"]), deadline - time.monotonic())
+            if left <= 0:
+                _send(out, {"reward": 0.0, "reason": BUDGET_SPENT})
+                continue
             try:
-                reward, reason = _grade_item(item, float(request["timeout_s"]))
+                reward, reason = _grade_item(item, left)
             except _Timeout:  # the alarm fired inside an except clause above
                 reward, reason = 0.0, "timeout"
             _send(out, {"reward": reward, "reason": reason})

@@ -82,7 +82,7 @@ def arithmetic_problem(
     """The problem "a<op>b=" with its gold answer and padded (maybe reversed) target.
 
     >>> arithmetic_problem(42, 317, operation="add", digits=3, answer_format="reversed")
-    Problem(id='', prompt='042+317=', answer='359', target='9530')
+    Problem(id='', prompt='042+317=', answer='359', target='9530', teacher=None)
     """
     symbol, fn = _OPS[operation]
     result = fn(a, b)

@@ -27,6 +27,9 @@ class Problem:
     """Canonical gold answer, what `verify` compares against, e.g. "579"."""
     target: str
     """Gold response text for the supervised warm-up, in the task's answer format."""
+    teacher: str | None = None
+    """An external teacher's correct response in its own style (LUFFY's teacher), where the
+    task has one; None: the teacher writes `target`."""
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from npo.store.inputs import InputError, fetch_file
 from npo.tasks.base import Problem, TaskError, Verdict, check_batch, clip
 
 MAX_RESPONSE_CHARS = 4000  # longer responses get "too long" without being parsed
+BUDGET_SPENT = "timeout: batch budget spent"  # as _verify_worker.py says it
 _WORKER = Path(__file__).with_name("_verify_worker.py")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
 
@@ -84,6 +85,11 @@ def load_problems(path: str | Path, split: str, prompt_template: str = "{prompt}
 
     `path` is a local path or a store URI (fetched first); errors name it as given, with the
     line number."""
+    return [problem for _, problem in _read_problems(path, split, prompt_template)]
+
+
+def _read_problems(path: str | Path, split: str, prompt_template: str) -> list[tuple[str, Problem]]:
+    """load_problems, each problem with where it was read ("path:line")."""
     try:
         local = fetch_file(str(path))
     except InputError as e:
@@ -94,7 +100,7 @@ def load_problems(path: str | Path, split: str, prompt_template: str = "{prompt}
         raise TaskError(f"{path}: file not found") from None
     except OSError as e:
         raise TaskError(f"{path}: cannot read ({e.strerror})") from None
-    problems: list[Problem] = []
+    problems: list[tuple[str, Problem]] = []
     # Split bytes on "\n" only: str.splitlines would also split inside JSON on U+2028 etc.
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         where = f"{path}:{lineno}"
@@ -105,17 +111,32 @@ def load_problems(path: str | Path, split: str, prompt_template: str = "{prompt}
         if not line.strip():
             continue
         prompt, answer = _parse_line(line, where)
-        problems.append(
-            Problem(
-                id=f"math-{split}-{len(problems):06d}",
-                prompt=prompt_template.replace("{prompt}", prompt),
-                answer=answer,
-                target=answer,
-            )
+        problem = Problem(
+            id=f"math-{split}-{len(problems):06d}",
+            prompt=prompt_template.replace("{prompt}", prompt),
+            answer=answer,
+            target=answer,
         )
+        problems.append((where, problem))
     if not problems:
         raise TaskError(f"{path}: no problems in file")
     return problems
+
+
+def check_gold_answers(verifier: MathVerifier, problems: Sequence[tuple[str, Problem]]) -> None:
+    """Refuse answers that do not verify against themselves: the warm-up teaches the target
+    (the answer's text), and a response equal to it would score 0 on every step. Each
+    distinct answer is graded once, without the batch budget."""
+    answers = sorted({p.answer for _, p in problems})
+    verdicts = dict(zip(answers, verifier.grade([(a, a) for a in answers], math.inf), strict=True))
+    bad = [(where, p.answer) for where, p in problems if verdicts[p.answer].reward <= 0]
+    if bad:
+        lines = "; ".join(f"{w}: {a!r} ({verdicts[a].reason})" for w, a in bad[:3])
+        raise TaskError(
+            f"{len(bad)} gold answer(s) do not verify against themselves, so a response "
+            f"equal to one scores 0: {lines}; write them as math-verify reads them "
+            "(a number, a LaTeX expression, or $...$)"
+        )
 
 
 # --------------------------------------------------------------------------- worker client
@@ -172,9 +193,16 @@ class MathVerifier:
     """
 
     def __init__(
-        self, timeout_s: float = 5.0, grace_s: float = 1.0, start_timeout_s: float = 120.0
+        self,
+        timeout_s: float = 5.0,
+        grace_s: float = 1.0,
+        start_timeout_s: float = 120.0,
+        batch_budget_s: float | None = None,
     ) -> None:
         self.timeout_s = timeout_s
+        # one `grade` call's total time: with 128 hard responses x timeout_s a step could
+        # take minutes; what is left ungraded when it is spent scores 0 ("timeout: ...")
+        self.batch_budget_s = batch_budget_s
         self.grace_s = grace_s  # the worker's own timeout comes first; this covers C hangs
         self.start_timeout_s = start_timeout_s
         self._lock = threading.Lock()
@@ -187,8 +215,11 @@ class MathVerifier:
         """Process id of the running worker, None when none runs."""
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
-    def grade(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
-        """Verdicts for (gold, response) pairs, in order; never raises on a response."""
+    def grade(
+        self, pairs: Sequence[tuple[str, str]], budget_s: float | None = None
+    ) -> list[Verdict]:
+        """Verdicts for (gold, response) pairs, in order; never raises on a response. The
+        call takes at most `budget_s` (default batch_budget_s; None: no cap) plus a grace."""
         verdicts: list[Verdict | None] = []
         items: list[dict[str, Any]] = []
         for gold, response in pairs:
@@ -199,19 +230,30 @@ class MathVerifier:
             else:
                 verdicts.append(None)
                 items.append({"gold": gold, "response": response})
-        graded = iter(self._run(items) if items else [])
+        budget = self.batch_budget_s if budget_s is None else budget_s
+        graded = iter(self._run(items, budget) if items else [])
         return [v if v is not None else next(graded) for v in verdicts]
 
-    def _run(self, items: list[dict[str, Any]]) -> list[Verdict]:
-        """Send raw worker items (see _verify_worker.py) and collect one verdict per item."""
+    def _run(self, items: list[dict[str, Any]], budget_s: float | None = None) -> list[Verdict]:
+        """Send raw worker items (see _verify_worker.py) and collect one verdict per item,
+        within `budget_s` in all (None: no cap)."""
+        deadline = time.monotonic() + (budget_s if budget_s is not None else math.inf)
         with self._lock:
             out: list[Verdict] = []
             while len(out) < len(items):  # each pass grades at least one item
                 rest = items[len(out) :]
-                reader = self._send({"timeout_s": self.timeout_s, "items": rest})
+                left = max(deadline - time.monotonic(), 0.0)
+                if left == 0:  # spent while a restarted worker was starting
+                    out += [Verdict(0.0, BUDGET_SPENT)] * len(rest)
+                    break
+                budget = None if math.isinf(left) else left
+                reader = self._send(
+                    {"timeout_s": self.timeout_s, "budget_s": budget, "items": rest}
+                )
                 for _ in rest:
+                    wait = min(self.timeout_s, max(deadline - time.monotonic(), 0.0))
                     try:
-                        line = reader.readline(self.timeout_s + self.grace_s)
+                        line = reader.readline(wait + self.grace_s)
                     except EOFError:
                         out.append(Verdict(0.0, "verifier crashed"))
                         self._stop(graceful=False)
@@ -285,9 +327,17 @@ class MathTask:
 
     def __init__(self, cfg: MathTaskConfig) -> None:
         self.cfg = cfg
-        self._train = load_problems(cfg.train_path, "train", cfg.prompt_template)
-        self._eval = load_problems(cfg.eval_path, "eval", cfg.prompt_template)
-        self.verifier = MathVerifier(cfg.timeout_s)
+        self._read = _read_problems(cfg.train_path, "train", cfg.prompt_template)
+        self._read += _read_problems(cfg.eval_path, "eval", cfg.prompt_template)
+        self.verifier = MathVerifier(cfg.timeout_s, batch_budget_s=cfg.batch_timeout_s)
+        self._train = [p for _, p in self._read if p.id.startswith("math-train-")]
+        self._eval = [p for _, p in self._read if p.id.startswith("math-eval-")]
+
+    def check_gold_answers(self) -> None:
+        """Refuse gold answers that do not verify against themselves (TaskError naming the
+        lines). About 2 ms per distinct answer, so the run's first stage calls it once
+        (the warm-up), not every task that builds the task."""
+        check_gold_answers(self.verifier, self._read)
 
     def train_problems(self) -> list[Problem]:
         return list(self._train)

@@ -8,6 +8,7 @@ the uninterrupted run, whatever happened (evals, checkpoint writes) in between.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,16 +47,56 @@ def batch_indices(n: int, per_step: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def rng_state() -> dict:
-    """Snapshot of python / numpy / torch RNG states (saved with each checkpoint)."""
+def rng_state() -> dict[str, Any]:
+    """Snapshot of python / numpy / torch RNG states (saved with each checkpoint).
+
+    Only ints, floats, strings, None and tensors, so that `torch.load(weights_only=True)`
+    reads it back: a checkpoint's rng.pt then never needs unpickling arbitrary objects
+    (numpy's state array would). `set_rng_state` turns it back into the libraries' forms.
+    """
+    version, internal, gauss_next = random.getstate()
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {
+            "version": int(version),
+            "internal": torch.tensor(internal, dtype=torch.int64),  # 624 words + index
+            "gauss_next": None if gauss_next is None else float(gauss_next),
+        },
+        "numpy": {
+            "bit_generator": str(name),
+            "key": torch.from_numpy(key.astype(np.int64)),  # uint32 words, exact in int64
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def _field(state: dict[str, Any], key: str, where: str) -> Any:
+    if not isinstance(state, dict) or key not in state:
+        raise ValueError(f"RNG state: {where} has no field {key!r} (not made by rng_state())")
+    return state[key]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the python / numpy / torch RNGs to what `rng_state()` took."""
+    py, npy = _field(state, "python", "state"), _field(state, "numpy", "state")
+    internal = _field(py, "internal", "python")
+    random.setstate(
+        (
+            int(_field(py, "version", "python")),
+            tuple(int(x) for x in internal.tolist()),
+            _field(py, "gauss_next", "python"),
+        )
+    )
+    np.random.set_state(
+        (
+            str(_field(npy, "bit_generator", "numpy")),
+            _field(npy, "key", "numpy").numpy().astype(np.uint32),
+            int(_field(npy, "pos", "numpy")),
+            int(_field(npy, "has_gauss", "numpy")),
+            float(_field(npy, "cached_gaussian", "numpy")),
+        )
+    )
+    torch.set_rng_state(_field(state, "torch", "state"))

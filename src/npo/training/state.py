@@ -3,6 +3,12 @@
 A checkpoint folder holds `policy/` (safetensors + config + tokenizer, loadable on its own
 with `npo eval` or `from_pretrained`), `optimizer.pt`, `rng.pt` and `state.json` (step,
 data cursor, anything the loop needs to resume). The store writes the manifest last.
+
+Nothing in a checkpoint may carry code: the weights are safetensors, and optimizer.pt and
+rng.pt hold only tensors and plain containers, read with `torch.load(weights_only=True)`;
+a file that needs more is refused (UnsafeCheckpointFile), never unpickled. Given the
+metadata DB, loading and forking also refuse a manifest other than the one it recorded at
+commit (`npo.store.checkpoint.verify_recorded`): the bucket alone cannot vouch for itself.
 """
 
 from __future__ import annotations
@@ -11,15 +17,33 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from npo.policy import load_policy, save_policy
 from npo.store.artifacts import ArtifactStore
-from npo.store.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from npo.store.checkpoint import (
+    CheckpointError,
+    checkpoint_uri,
+    list_checkpoints,
+    load_checkpoint,
+    manifest_digest,
+    read_manifest,
+    recorded_steps,
+    save_checkpoint,
+    verify_recorded,
+)
 from npo.training.seeding import rng_state
+
+if TYPE_CHECKING:
+    from npo.store.metadata import MetadataDB
+
+
+class UnsafeCheckpointFile(CheckpointError):
+    """A checkpoint file holds more than tensors and plain containers (a pickled object, that
+    is code to run) or cannot be read: refused without unpickling it."""
 
 
 @dataclass
@@ -60,18 +84,46 @@ def save_train_state(
         return save_checkpoint(store, run_id, step, root, meta=state)
 
 
+def _load_plain(path: Path, run_id: str, step: int) -> Any:
+    """`path` loaded as tensors and plain containers only (weights_only=True): whatever else
+    its pickle asks for is refused by torch's restricted unpickler before anything runs."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # UnpicklingError for a forbidden object; a damaged file, others
+        raise UnsafeCheckpointFile(
+            f"run {run_id!r} step {step}: {path.name} does not load as plain tensors and "
+            f"containers, refused without running anything in it ({_unpickler_reason(e)})"
+        ) from None
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """What torch objected to, without its advice to retry with weights_only=False."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    text = text.removeprefix("Weights only load failed.").strip()
+    first = text.split(". ", 1)[0].strip().splitlines()
+    return first[0] if first else type(e).__name__
+
+
 def load_train_state(
-    store: ArtifactStore, run_id: str, step: int, dtype: str = "float32"
+    store: ArtifactStore,
+    run_id: str,
+    step: int,
+    dtype: str = "float32",
+    db: MetadataDB | None = None,
 ) -> TrainState:
-    """Download and verify checkpoint `step`, and load everything in it."""
+    """Download and verify checkpoint `step`, and load everything in it.
+
+    With `db` (every pipeline step has one) the manifest must also be the one the metadata
+    DB recorded at commit; without it (store-only tools, tests) only the files are checked
+    against their manifest. optimizer.pt and rng.pt are read as plain data either way."""
     with tempfile.TemporaryDirectory(prefix="npo-ckpt-") as tmp:
         root = Path(tmp)
-        manifest = load_checkpoint(store, run_id, step, root)
-        model, tokenizer = load_policy(root / "policy", dtype)
-        # Our own files (optimizer/RNG pickles): trusted, hence weights_only=False.
+        manifest = load_checkpoint(store, run_id, step, root, db)
+        # the pickled files first: refuse a bad one before spending time on the weights
         opt = root / "optimizer.pt"
-        optimizer_state = torch.load(opt, weights_only=False) if opt.exists() else None
-        rng = torch.load(root / "rng.pt", weights_only=False)
+        optimizer_state = _load_plain(opt, run_id, step) if opt.exists() else None
+        rng = _load_plain(root / "rng.pt", run_id, step)
+        model, tokenizer = load_policy(root / "policy", dtype)
         state = json.loads((root / "state.json").read_text())
         extra_dir = root / "extra"
         extra = {p.name: p.read_bytes() for p in extra_dir.iterdir()} if extra_dir.is_dir() else {}
@@ -84,15 +136,29 @@ def fork_checkpoint(
     dst_run: str,
     step: int,
     state_update: dict[str, Any] | None = None,
-) -> None:
+    db: MetadataDB | None = None,
+) -> dict[str, Any]:
     """Copy checkpoint `step` of `src_run` to `dst_run` (a branch or a new lineage starts
-    there), with `state_update` merged into its loop state; idempotent."""
-    if step in list_checkpoints(store, dst_run):
-        return
+    there), with `state_update` merged into its loop state; return the copy's manifest.
+
+    With `db` the source must be the checkpoint the DB recorded, and the copy is recorded
+    there as `dst_run`'s (with the source's metrics; `dst_run` must be a run in the DB), so
+    it is loaded and forked on like any committed one. Idempotent: done once the copy is in
+    the store (and, with `db`, recorded)."""
+    copied = step in list_checkpoints(store, dst_run)
+    if copied and (db is None or step in recorded_steps(db, dst_run)):
+        return read_manifest(store, dst_run, step, db)
     with tempfile.TemporaryDirectory(prefix="npo-fork-") as tmp:
         root = Path(tmp)
-        load_checkpoint(store, src_run, step, root)
+        source = load_checkpoint(store, src_run, step, root, db)
         state = {**json.loads((root / "state.json").read_text()), **(state_update or {})}
         state["forked_from"] = src_run
         (root / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        save_checkpoint(store, dst_run, step, root, meta=state)
+        manifest = save_checkpoint(store, dst_run, step, root, meta=state)
+    if db is not None:
+        row = verify_recorded(db, source)
+        uri = checkpoint_uri(store, dst_run, step)
+        db.record_checkpoint(
+            dst_run, step, uri, manifest_digest(manifest), row.metrics if row else None
+        )
+    return manifest
