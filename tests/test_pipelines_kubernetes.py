@@ -332,6 +332,7 @@ def test_local_pipeline_has_no_kubernetes_settings():
         ("cluster.secrets=[{env: {a: B}}]", "cluster.secrets"),
         ("cluster.light.image=npo:latest", "cluster.light.image"),
         ("cluster.timeouts={trian: 60}", "cluster.timeouts"),
+        ("cluster.timeouts={train: -1}", "cluster.timeouts"),
         ("cluster.run_as_user=0", "cluster.run_as_user"),
         ("cluster.service_account=Not_A_Name", "cluster.service_account"),
     ],

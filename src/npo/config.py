@@ -571,6 +571,15 @@ def _known_stages(names: list[str]) -> list[str]:
     return names
 
 
+def _stage_names(by_stage: dict[str, Any]) -> dict[str, Any]:
+    from npo.stages import STAGES  # the stages are declared there, once
+
+    unknown = sorted(set(by_stage) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; the stages are {sorted(STAGES)}")
+    return by_stage
+
+
 def _known_method(name: str) -> str:
     from npo.methods import METHODS  # the methods are declared there, once
 
@@ -691,10 +700,12 @@ class ClusterConfig(_Strict):
         "(activeDeadlineSeconds, so a hung GPU step gives its GPU back; 0 = none). A retried "
         "step starts a new pod with a new deadline and resumes from its last checkpoint.",
     )
-    timeouts: dict[str, int] = Field(
-        default_factory=dict,
-        description="Per-stage deadlines in seconds that replace `timeout` (or "
-        "light.timeout), e.g. {train: 604800} for long segments.",
+    timeouts: Annotated[dict[str, Annotated[int, Field(ge=0)]], AfterValidator(_stage_names)] = (
+        Field(
+            default_factory=dict,
+            description="Per-stage deadlines in seconds that replace `timeout` (or "
+            "light.timeout), e.g. {train: 604800} for long segments.",
+        )
     )
     light: LightStagesConfig = Field(
         default_factory=LightStagesConfig,
@@ -731,20 +742,6 @@ class ClusterConfig(_Strict):
         ):
             if image and image.endswith(":latest"):
                 raise ValueError(f"{field} must pin a version tag or digest, not :latest")
-        return self
-
-    @model_validator(mode="after")
-    def _timeouts_of_stages(self) -> ClusterConfig:
-        from npo.stages import STAGES
-
-        unknown = sorted(set(self.timeouts) - set(STAGES))
-        if unknown:
-            raise ValueError(
-                f"cluster.timeouts: unknown stages {unknown}; the stages are {sorted(STAGES)}"
-            )
-        negative = {k: v for k, v in self.timeouts.items() if v < 0}
-        if negative:
-            raise ValueError(f"cluster.timeouts: deadlines must be >= 0 seconds, got {negative}")
         return self
 
     @model_validator(mode="after")
