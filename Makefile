@@ -24,13 +24,15 @@ $(STAMP): requirements.lock pyproject.toml
 run: install
 	$(VENV)/bin/npo compare $(CONFIGS) --name toy-comparison --threshold 0.5
 
+# The suite on TEST_WORKERS processes (pytest-xdist, one per core here: torch runs on one
+# thread in each; the tests that bound a timeout leave seconds of slack for a busy
+# neighbour). TEST_WORKERS=0 runs it in this process, serially.
+TEST_WORKERS ?= 2
 test: install helm
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # The inner loop: everything but the tests marked slow (training runs, real servers,
-# killed and racing processes), on TEST_WORKERS processes (pytest-xdist; the fast tests
-# run torch on one thread each). `make test` stays serial: its slow tests time processes.
-TEST_WORKERS ?= 2
+# killed and racing processes).
 test-fast: install helm
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
@@ -160,11 +162,14 @@ kind-test: install helm
 	NPO_KIND_E2E=1 $(PY) -m pytest -q -p no:cacheprovider -o addopts=-ra tests/kind
 
 # --- Container images (images/README.md) --------------------------------------------------
-.PHONY: images lint-images lock-cuda
+.PHONY: images base-image container-test lint-images lock-cuda
 # $(CPU_IMAGE) is ClusterConfig.image's default (tests/test_images.py checks it); VERSION is
 # the package's. `make images IMAGE_FLAVORS=cpu` builds only that one, e.g. before
-# `kind load docker-image $(CPU_IMAGE)`; DOCKER_BUILD_ARGS passes more, such as
-# --build-arg BASE_IMAGE=python:3.11.17-slim-bookworm@sha256:<digest>.
+# `kind load docker-image $(CPU_IMAGE)`. images/build.py fetches torch's CPU wheel where pip's
+# configuration points (else TORCH_INDEX_URL) and reuses an image whose inputs are unchanged.
+# BASE_IMAGE: empty = the Dockerfiles' python:3.11 tag; an image (a digest-pinned one, the
+# Debian-built $(DEBIAN_BASE_IMAGE) of `make base-image`); or `auto`: the default where the
+# engine can pull it, else the Debian one. DOCKER_BUILD_ARGS passes more to `docker build`.
 IMAGE_REPO    ?= ghcr.io/npo-project/npo
 VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 CPU_IMAGE     := $(IMAGE_REPO):$(VERSION)-cpu
@@ -172,18 +177,36 @@ CUDA_IMAGE    := $(IMAGE_REPO):$(VERSION)-cuda
 IMAGE_FLAVORS ?= cpu cuda
 DOCKER        ?= docker
 DOCKER_BUILD_ARGS ?=
+BASE_IMAGE    ?=
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+DEBIAN_BASE_IMAGE := npo-base:bookworm-python3.11
+export DOCKER
 
-# Skips (exit 0) where there is no Docker engine to build with, as on CI's machines.
+# Skips (exit 0) where there is no Docker engine to build with.
 images:
 	@if ! command -v $(DOCKER) >/dev/null 2>&1; then \
 		echo "make images: skipped: '$(DOCKER)' is not installed"; exit 0; fi; \
 	if ! $(DOCKER) info >/dev/null 2>&1; then \
 		echo "make images: skipped: the Docker daemon is not reachable ('$(DOCKER) info' failed)"; exit 0; fi; \
 	for flavor in $(IMAGE_FLAVORS); do \
-		echo "make images: building $(IMAGE_REPO):$(VERSION)-$$flavor"; \
-		$(DOCKER) build $(DOCKER_BUILD_ARGS) -f images/Dockerfile.$$flavor \
-			-t $(IMAGE_REPO):$(VERSION)-$$flavor . || exit 1; \
+		$(PYTHON) images/build.py $$flavor $(IMAGE_REPO):$(VERSION)-$$flavor \
+			$(if $(BASE_IMAGE),--base $(BASE_IMAGE)) --torch-index-url $(TORCH_INDEX_URL) \
+			-- $(DOCKER_BUILD_ARGS) || exit 1; \
 	done
+
+# A python3 base from Debian packages (debootstrap + docker import; root and debootstrap
+# needed), for engines that reach no image registry: then `make images BASE_IMAGE=auto`
+# (or BASE_IMAGE=$(DEBIAN_BASE_IMAGE)).
+base-image:
+	sh images/base-image.sh $(DEBIAN_BASE_IMAGE)
+
+# Every pipeline task in the CPU image (tests/container, kfp.local's DockerRunner) against
+# the dev services, compared metric for metric with `npo run`; builds the image or reuses it.
+# Fails, never skips, without a Docker engine (.ci/docker.sh sets one up on CI).
+container-test: install
+	$(MAKE) --no-print-directory images IMAGE_FLAVORS=cpu BASE_IMAGE=$(or $(BASE_IMAGE),auto)
+	NPO_CONTAINER_E2E=1 NPO_CONTAINER_IMAGE=$(CPU_IMAGE) \
+		$(PY) -m pytest -q -p no:cacheprovider -o addopts=-ra tests/container
 
 lint-images: install
 	$(VENV)/bin/hadolint --config images/.hadolint.yaml images/Dockerfile.cpu images/Dockerfile.cuda

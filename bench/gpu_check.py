@@ -87,7 +87,10 @@ def toy(steps: int, device: str, smoke: bool) -> dict[str, Any]:
         f"model.device={device}",
     ]
     if smoke:
-        sets += ["warmup.steps=20", "warmup.target_accuracy=null", "task.n_eval=32"]
+        # seconds, not numbers: CPU bfloat16 matmuls are slow (no AMX here)
+        sets += ["warmup.steps=5", "warmup.batch_size=8", "warmup.target_accuracy=null"]
+        sets += ["task.n_eval=16", "rollout.prompts_per_step=4", "rollout.group_size=4"]
+        sets += ["train.threads=2"]
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config("configs/toy_grpo.yaml", [*sets, f"store.root={root}"])
         ctx = open_run(cfg)

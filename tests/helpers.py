@@ -18,6 +18,23 @@ TINY = {
 }
 
 
+# AutoNPO on the toy with one intervention forced at policy step 6 (rollback, guidance,
+# replay): the pipeline tests' If branch, in-process and in containers.
+FORCED_AUTONPO = {
+    "method": "autonpo",
+    "npo": {"guidance": {"gate": 1.5, "tries": 4}},
+    "autonpo": {
+        "check_every": 3,
+        "window": 2,
+        "candidates": [3, 6],
+        "force_at": [6],
+        "cooldown": 100,
+        "mistake_below": 1.01,
+        "confirm_prompts": 8,
+    },
+}
+
+
 def run_history(run_dir: Path) -> list[dict]:
     """The history of the run `run_dir` (= <store.root>/<name>) from the default SQLite
     metadata DB under its store root: what the stages read, also mid-run."""

@@ -452,6 +452,27 @@ def test_rbac_is_namespaced_and_by_name(helm: str) -> None:
         assert {s["name"] for s in binding["subjects"]} == {"npo-pipeline"}
 
 
+def test_train_jobs_role_grants_exactly_what_the_stage_calls(helm: str) -> None:
+    """pipeline.serviceAccount.trainJobs: the steps' account mounts its token and may
+    create, get and delete TrainJobs and PyTorchJobs (npo.pipelines.cluster_job), nothing
+    else; off by default."""
+    assert "Role" not in {d["kind"] for d in render(helm, *VARIANTS["default"])}
+    docs = render(helm, *VARIANTS["default"], "--set", "pipeline.serviceAccount.trainJobs=true")
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    rules = {(r["apiGroups"][0], r["resources"][0]): r["verbs"] for r in role["rules"]}
+    assert rules == {
+        ("trainer.kubeflow.org", "trainjobs"): ["create", "get", "delete"],
+        ("kubeflow.org", "pytorchjobs"): ["create", "get", "delete"],
+    }
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert {s["name"] for s in binding["subjects"]} == {"npo-pipeline"}
+    (account,) = [
+        d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "npo-pipeline"
+    ]
+    assert account["automountServiceAccountToken"] is True  # in-cluster config needs it
+
+
 def test_external_modes_render_no_servers_of_their_own(helm: str) -> None:
     def names(docs: list[dict], kinds: set[str]) -> set[str]:
         return {d["metadata"]["name"] for d in docs if d["kind"] in kinds}

@@ -190,6 +190,7 @@ def test_a_rerun_names_what_changed_and_lets_speed_settings_and_more_steps_throu
     # train.threads only changes speed (one_thread puts torch back on one afterwards).
     faster = runner.invoke(app, [*direct, "--set", "train.threads=2"])
     assert faster.exit_code == 0, faster.output
+    assert "run 'r' is complete: its tasks return their committed results" in faster.stdout
     refused = runner.invoke(app, [*direct, "--set", "algo.lr=1e-4", "--set", "seed=2"])
     assert refused.exit_code == 2, refused.output
     assert says(refused.stderr, "was started with a different config")
@@ -197,6 +198,10 @@ def test_a_rerun_names_what_changed_and_lets_speed_settings_and_more_steps_throu
     longer = runner.invoke(app, [*direct, "--set", "train.steps=1"])
     assert longer.exit_code == 0, longer.output
     assert table_value(longer.stdout, "policy steps") == "1"
+    assert (
+        "resuming run 'r' (completed): its last checkpoint is the end of its warm-up (policy "
+        "step 0); on to policy step 1"
+    ) in longer.stdout
 
 
 def test_compare_needs_two_configs(runner, workdir):
@@ -311,8 +316,12 @@ def saved_policy(tiny_policy, tmp_path) -> Path:
 
 
 def table_value(output: str, key: str) -> str:
-    """The value in the row `key` of the rich summary table."""
-    match = re.search(rf"│ {re.escape(key)}\s*│ (\S+)\s*│", output)
+    """The value in the row `key` of a summary: a rich table (`npo eval`), or the plain
+    lines `npo run` prints when its output is not a terminal."""
+    key = re.escape(key)
+    match = re.search(rf"│ {key}\s*│ (\S+)\s*│", output) or re.search(
+        rf"^  {key}\s\s+(\S+)$", output, re.MULTILINE
+    )
     assert match, f"no row {key!r} in:\n{output}"
     return match.group(1)
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import write_tiny_config
+from helpers import FORCED_AUTONPO, write_tiny_config
 from typer.testing import CliRunner
 
 from npo.cli import app
@@ -25,19 +25,7 @@ from npo.store.metadata import MetadataDB
 
 pytestmark = pytest.mark.slow
 
-AUTO = {
-    "method": "autonpo",
-    "npo": {"guidance": {"gate": 1.5, "tries": 4}},
-    "autonpo": {
-        "check_every": 3,
-        "window": 2,
-        "candidates": [3, 6],
-        "force_at": [6],
-        "cooldown": 100,
-        "mistake_below": 1.01,
-        "confirm_prompts": 8,
-    },
-}
+AUTO = FORCED_AUTONPO
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
@@ -61,6 +49,7 @@ def test_grpo_pipeline_matches_the_direct_engine(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == list(range(7))
     assert _comparable(rows) == _comparable(load_history(root / "direct" / "metrics.jsonl"))
     assert summary["final accuracy"] == direct["final accuracy"]
+    assert list(summary) == list(direct)  # in the order summarize wrote it: headline first
     # one train task for the whole budget: a retried task resumes from its checkpoint
     assert _tasks(root / "pipe") == ["configure", "evaluate", "prepare", "report", "train"]
     # a train task's KFP UI outputs: a Metrics artifact and the curves so far
@@ -157,8 +146,17 @@ def test_a_failing_task_fails_the_run_with_its_log(tmp_path: Path) -> None:
         "task 'guidance' failed: stage 'guidance' failed: RunConflict: guide run "
         "'ghost': no checkpoint in the store (task logs: "
     )
+    assert info.value.__notes__ == [
+        "run 'rlep' marked failed; its last checkpoint is the end of its warm-up (policy step "
+        "0): the same command resumes it"
+    ]
     with MetadataDB(f"sqlite:///{root}/npo.db") as db:
         assert db.get_run("rlep").status == "failed"
+        mlflow_run = db.get_run("rlep").mlflow_run_id
+    from mlflow import MlflowClient
+
+    tracked = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db").get_run(mlflow_run)
+    assert tracked.info.status == "FAILED"  # not left RUNNING
 
     # `npo run` refuses a run the metadata DB does not have before any task (preflight);
     # one it lists with a checkpoint that the store lacks still fails in its task
@@ -187,7 +185,10 @@ def test_a_natural_trigger_fires_from_the_online_signals(tmp_path: Path) -> None
             "confirm_below": 1.0,
         },
     }
-    path = write_tiny_config(tmp_path / "n.yaml", root, "nat", 12, **natural)
+    # seed 3 at lr 3e-3: the entropy dips across the window at step 9 (the rule itself is
+    # tested in test_autonpo.py; here, that the pipeline acts on it)
+    natural["algo"] = {"lr": 3e-3}
+    path = write_tiny_config(tmp_path / "n.yaml", root, "nat", 12, seed=3, **natural)
     summary = run_experiment(load_config(path), engine="pipeline")
     with MetadataDB(f"sqlite:///{root}/npo.db") as db:
         (iv,) = db.interventions("nat")

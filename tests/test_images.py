@@ -298,13 +298,18 @@ def test_image_installs_its_lock(flavor):
 
 
 def test_cpu_image_takes_the_cpu_torch_of_the_locked_version():
+    """torch's CPU build, in the same resolver run as the rest (a separate --no-deps install
+    made pip print a dependency ERROR), from the wheel images/build.py fetched on the host."""
     torch_installs = [w for w in pip_installs(DOCKERFILES["cpu"]) if any("torch" in x for x in w)]
     assert len(torch_installs) == 1
     words = torch_installs[0]
-    assert "--no-deps" in words and "--index-url" in words
-    # The version is read from requirements.lock at build time, so the two cannot drift.
-    assert "$(sed -n 's/^torch==//p' requirements.lock)" in " ".join(words)
-    assert arg_defaults(DOCKERFILES["cpu"])["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert "--no-deps" not in words and "-r" in words and "--find-links" in words
+    assert words[words.index("--find-links") + 1] == "/tmp/inputs/wheels"
+    # The version is read from requirements.lock at build time, so the two cannot drift;
+    # `+cpu` keeps PyPI's CUDA build of the same version from matching.
+    assert "torch==$(sed -n 's/^torch==//p' requirements.lock)+cpu" in words
+    build = (IMAGES / "build.py").read_text()
+    assert 'TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"' in build
 
 
 @pytest.mark.parametrize("flavor", sorted(DOCKERFILES))
@@ -313,7 +318,8 @@ def test_python3_on_path_is_the_venv_with_npo_and_kfp(flavor):
     env = " ".join(args for kw, args in stage if kw == "ENV")
     assert re.search(rf"\bPATH={VENV_PYTHON}:\$PATH\b", env), env
     assert ("COPY", "--from=builder /opt/venv /opt/venv") in stage
-    assert f"python -m venv {VENV_PYTHON.rsplit('/', 1)[0]}" in run_commands(DOCKERFILES[flavor])
+    # python3: Debian's own interpreter (make base-image) has no `python`.
+    assert f"python3 -m venv {VENV_PYTHON.rsplit('/', 1)[0]}" in run_commands(DOCKERFILES[flavor])
     # kfp must be importable: the builder imports it after installing.
     assert any("import kfp" in c for c in run_commands(DOCKERFILES[flavor]))
     assert stage[-1] == ("CMD", '["npo", "--help"]')

@@ -46,7 +46,7 @@ def test_migrations_match_models_and_are_idempotent(db: MetadataDB) -> None:
     uniques = inspector.get_unique_constraints("checkpoints")
     assert [u["column_names"] for u in uniques] == [["run_id", "step"]]
     with db.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0004"
         # Alembic's own autogenerate diff: types, nullability, keys, FKs, indexes.
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(ctx, Base.metadata) == []
@@ -136,9 +136,9 @@ def test_migrate_fast_path_reads_the_revision(tmp_path: Path) -> None:
     with MetadataDB(default_metadata_url(tmp_path)) as db:
         assert db.revision() is None
         db.migrate()
-        assert db.revision() == "0003"
+        assert db.revision() == "0004"
         db.migrate()  # at head: returns without Alembic
-        assert db.revision() == "0003"
+        assert db.revision() == "0004"
 
 
 def test_delete_run_takes_its_lineages_and_their_rows(db: MetadataDB) -> None:
@@ -194,3 +194,40 @@ def test_run_info_is_set_once_per_field(db: MetadataDB) -> None:
     assert (run.mlflow_run_id, run.started_at) == ("abc123", started)
     db.upsert_run("i", "i", "grpo", 0, {"x": 1})  # a resume keeps them
     assert db.get_run("i").mlflow_run_id == "abc123"
+
+
+# --- migration 0004: the `interrupted` status, on a DB that already holds runs ---
+
+
+def test_upgrade_to_interrupted_keeps_every_row(db_url: str) -> None:
+    db = MetadataDB(db_url)
+    db.alembic("upgrade", "0003")
+    with db.engine.begin() as conn:  # rows as a 0003 DB holds them (its models: raw SQL)
+        conn.execute(
+            sa.text(
+                "INSERT INTO runs (id, name, method, seed, config, status, created_at, "
+                "updated_at) VALUES ('old', 'old', 'grpo', 0, '{}', 'running', :t, :t)"
+            ),
+            {"t": datetime(2026, 12, 1, tzinfo=UTC)},
+        )
+    db.record_checkpoint("old", 5, "file:///x/000005", "0" * 64)
+    db.record_metrics("old", 5, 5, {"reward/mean": 0.5})
+    with pytest.raises(sa.exc.IntegrityError), db.engine.begin() as conn:  # 0003 refuses it
+        conn.execute(sa.text("UPDATE runs SET status = 'interrupted' WHERE id = 'old'"))
+    db.migrate()
+    # the rebuild of `runs` cascaded nothing away, and foreign keys are on again after it
+    assert [c.step for c in db.checkpoints("old")] == [5]
+    assert [r["step"] for r in db.history("old")] == [5]
+    db.set_run_status("old", RunStatus.INTERRUPTED)
+    assert db.get_run("old").status == "interrupted"
+    with pytest.raises(sa.exc.IntegrityError), db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE runs SET status = 'lost' WHERE id = 'old'"))
+    with pytest.raises(sa.exc.IntegrityError), db.engine.begin() as conn:  # keys on again
+        conn.execute(
+            sa.text(
+                "INSERT INTO checkpoints (run_id, step, uri, manifest_sha256, created_at) "
+                "VALUES ('ghost', 1, 'u', 'x', :t)"
+            ),
+            {"t": datetime(2026, 12, 1, tzinfo=UTC)},
+        )
+    db.close()

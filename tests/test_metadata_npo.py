@@ -20,15 +20,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 import npo.store.metadata as md
-from npo.store.metadata import MIGRATION_LOCK_ID, Base, MetadataDB, alembic_config
+from npo.store.metadata import MIGRATION_LOCK_ID, Base, MetadataDB
 
 NPO_TABLES = {"guidance_caches", "guidance_entries", "mistake_pool", "interventions"}
-HEAD = "0003"
+HEAD = "0004"
 
 
 @pytest.fixture
@@ -47,10 +46,7 @@ def _count(db: MetadataDB, table: str) -> int:
 
 def _alembic(db: MetadataDB, cmd: str, revision: str) -> None:
     """`alembic <cmd> <revision>` on db's engine, as MetadataDB.migrate() runs it."""
-    cfg = alembic_config()
-    with db.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        getattr(command, cmd)(cfg, revision)
+    db.alembic(cmd, revision)
 
 
 def _version(db: MetadataDB) -> str:

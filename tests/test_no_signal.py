@@ -24,9 +24,10 @@ from npo.learning_signal import (
     TRAINED_ZERO_VAR,
     memorised_warning,
     no_signal_warning,
+    progress_notes,
     trailing_streak,
 )
-from npo.progress import RichProgress, notes
+from npo.progress import RichProgress
 from npo.report import write_report
 from npo.steps.train_segment import note_signal
 from npo.store.artifacts import open_store
@@ -106,10 +107,10 @@ def test_the_train_step_marks_where_the_streak_reaches_the_limit():
 
 def test_the_progress_says_so():
     metrics = {NO_SIGNAL: 10.0, "reward/all_correct_frac": 1.0, "reward/mean": 1.0}
-    (note,) = notes("grpo", 10, metrics)
+    (note,) = progress_notes("grpo", 10, metrics)
     assert note.startswith("grpo step 10: no learning signal for 10 policy steps in a row")
     assert "all-correct" in note
-    assert notes("grpo", 3, {"reward/mean": 0.5}) == []
+    assert progress_notes("grpo", 3, {"reward/mean": 0.5}) == []
     out = io.StringIO()
     with RichProgress(Console(file=out, width=300)) as progress:
         progress("grpo", 10, 20, metrics)

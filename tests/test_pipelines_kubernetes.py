@@ -230,6 +230,22 @@ def test_gpu_steps_choose_which_stages_get_the_accelerator():
     assert with_gpu == {"train", "guidance", "rollback", "evaluate"}
 
 
+def test_a_multi_node_train_task_waits_on_its_job_without_a_gpu_of_its_own():
+    def gpu_stages(*overrides: str) -> set[str]:
+        compiled = Compiled(
+            compile_text("toy_grpo", "cluster.accelerator_type=nvidia.com/gpu", *overrides)
+        )
+        return {
+            stage
+            for stage, _, label in compiled.stage_tasks()
+            if "accelerator" in compiled.container(label).get("resources", {})
+        }
+
+    one_node = ("cluster.accelerator_count=8", "distributed.nproc_per_node=8")
+    assert "train" in gpu_stages(*one_node)  # torchrun in the task's own pod, on its 8 GPUs
+    assert "train" not in gpu_stages(*one_node, "distributed.nodes=2")  # a TrainJob's pods
+
+
 def test_the_real_model_config_runs_every_model_stage_on_a_gpu_of_the_cuda_image():
     compiled = Compiled(compile_text("math_autonpo"))
     stages = {stage: compiled.container(label) for stage, _, label in compiled.stage_tasks()}

@@ -89,37 +89,29 @@ def _budget(root: Path) -> list[str]:
     return [word for s in settings for word in ("--set", s)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", MATH, ids=[" ".join(c)[:60] for c in MATH])
-def test_the_math_recipes_run(args: list[str], tmp_path: Path, monkeypatch, one_thread) -> None:
-    """The documented command, as given (config path from the repository root), trains."""
-    monkeypatch.chdir(ROOT)
+def test_the_math_recipes_run_and_leave_no_temporary_files(
+    args: list[str], tmp_path: Path, monkeypatch, one_thread
+) -> None:
+    """The documented command, as given (config path from the repository root; `npo run`'s
+    default engine, the kfp.local pipeline), trains. kfp.local's tasks write their code to
+    `$(mktemp -d)/ephemeral_component.py`, which must not stay behind in $TMPDIR."""
     params = parsed(args)
     assert isinstance(
-        load_config(params["config"], with_test_data(params["set_"])).task, MathTaskConfig
+        load_config(ROOT / params["config"], with_test_data(params["set_"])).task, MathTaskConfig
     )
-    argv = [*with_test_data(args), "--quiet", "--engine", "direct", *_budget(tmp_path / "runs")]
-    result = CliRunner().invoke(app, argv)
-    assert result.exit_code == 0, result.output
-    assert "task=math" in result.stdout
-    name = load_config(params["config"], with_test_data(params["set_"])).name
-    assert (tmp_path / "runs" / name / "report.md").is_file()
-
-
-@pytest.mark.slow
-def test_the_math_recipe_through_the_pipeline_leaves_no_temporary_files(
-    tmp_path: Path, monkeypatch, one_thread
-) -> None:
-    """`npo run` (the kfp.local pipeline) as documented; kfp.local's tasks write their code
-    to `$(mktemp -d)/ephemeral_component.py`, which must not stay behind in $TMPDIR."""
     temp = Path(tempfile.mkdtemp(prefix="npo-t-"))  # short: the step server's socket is in it
     try:
         monkeypatch.setenv("TMPDIR", str(temp))
         monkeypatch.setattr(tempfile, "tempdir", str(temp))
         monkeypatch.chdir(ROOT)
-        argv = [*with_test_data(MATH[0]), "--quiet", *_budget(tmp_path / "runs")]
+        argv = [*with_test_data(args), "--quiet", *_budget(tmp_path / "runs")]
         result = CliRunner().invoke(app, argv)
         assert result.exit_code == 0, result.output
-        assert "engine=pipeline" in result.stdout
+        assert "task=math engine=pipeline" in result.stdout
+        name = load_config(params["config"], with_test_data(params["set_"])).name
+        assert (tmp_path / "runs" / name / "report.md").is_file()
         assert list(temp.rglob("ephemeral_component.py")) == []
         # Neither kfp's tmp.* folders nor the tasks' own temp folder stay (torch's caches may).
         assert [p.name for p in temp.iterdir() if p.name.startswith(("tmp.", "npo-"))] == []

@@ -104,3 +104,25 @@ def test_fresh_deletes_the_runs_rows(tmp_path: Path) -> None:
     assert ctx.db.interventions("r") == []
     assert ctx.db.get_run("r") is not None  # re-created by the fresh open
     ctx.db.close()
+
+
+def test_fresh_leaves_one_mlflow_run_of_the_name(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    root = tmp_path / "runs"
+    cfg = load_config(write_tiny_config(tmp_path / "c.yaml", root, "r", 3))
+    first = open_run(cfg)
+    first.close("KILLED")
+    second = open_run(cfg, fresh=True)
+    second.close()
+    assert second.tracker.run_id != first.tracker.run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("npo")
+    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'r'")
+    assert [r.info.run_id for r in runs] == [second.tracker.run_id]
+    # the old one is in MLflow's trash, not lost: `mlflow gc` purges it
+    assert client.get_run(first.tracker.run_id).info.lifecycle_stage == "deleted"
+    third = open_run(cfg, fresh=True)  # a fresh start of a fresh start: the same again
+    third.close()
+    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'r'")
+    assert [r.info.run_id for r in runs] == [third.tracker.run_id]

@@ -329,6 +329,25 @@ def test_progress_logger_throttles_per_phase(capsys: pytest.CaptureFixture[str])
     assert lines[-1] == "[train] eval 1/4 (25%)"
 
 
+def test_progress_logger_prints_a_no_signal_warning_between_its_marks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from npo.learning_signal import NO_SIGNAL
+
+    log = ProgressLogger("train")
+    log("grpo", 1, 100, {"reward/mean": 0.0})
+    log("grpo", 3, 100, {"reward/mean": 0.0})  # no mark crossed: silent
+    log("grpo", 4, 100, {"reward/mean": 0.0, NO_SIGNAL: 4.0, "reward/all_correct_frac": 0.0})
+    log("grpo", 5, 100, {"reward/mean": 0.0})  # still within the first 10%
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert lines[1].startswith("[train] grpo 4/100 (4%)")
+    assert lines[2].startswith(
+        "[train] warning: grpo step 4: no learning signal for 4 policy steps in a row"
+    )
+    assert "all-wrong" in lines[2]
+
+
 # -- start and stop -------------------------------------------------------------------------
 
 

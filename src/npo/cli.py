@@ -8,7 +8,9 @@
     npo components [--out components]                       a component YAML per stage
     npo submit CONFIG --host URL [--experiment N] [--wait]  run it on a Kubeflow cluster
 
-Exit codes: 0 ok, 1 the run failed, 2 bad input (config, paths) or an unreachable endpoint.
+Exit codes: 0 ok, 1 the run failed, 2 bad input (config, paths) or an unreachable endpoint,
+130 / 143 stopped by Ctrl-C / SIGTERM (marked interrupted; the same command resumes it).
+Progress: bars on a terminal, plain lines in a pipe or file, `--log-format json` for machines.
 `npo --version` prints the version; `-h` is `--help` on every command.
 """
 
@@ -20,7 +22,7 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 import yaml
@@ -30,11 +32,13 @@ from rich.text import Text
 
 from npo.config import ConfigError, ExperimentConfig, load_config, public_dump
 from npo.experiment import Engine
+from npo.progress import LogFormat, RunOutput
 
 EXIT_CODES = (
     "Exit codes: 0 ok; 1 the run failed (the message names the failed task and its log); "
     "2 bad input (config, paths, datasets, a run name started with another config) or an "
-    "unreachable endpoint (S3, database, MLflow)."
+    "unreachable endpoint (S3, database, MLflow); 130 stopped by Ctrl-C, 143 by SIGTERM (the "
+    "run is marked interrupted and the same command resumes it)."
 )
 
 app = typer.Typer(
@@ -150,6 +154,14 @@ EngineOpt = Annotated[
         "direct: the same stages called in this process.",
     ),
 ]
+Runner = Literal["subprocess", "docker"]  # npo.pipelines.local.RUNNERS
+RunnerOpt = Annotated[
+    Runner,
+    typer.Option(
+        help="How kfp.local runs the pipeline's tasks: subprocess (warm, on this machine) or "
+        "docker (each in its container of cluster.image, built by `make images`).",
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -173,18 +185,39 @@ def _bad_input() -> tuple[type[Exception], ...]:
 
 
 @contextlib.contextmanager
-def _run_errors() -> Iterator[None]:
-    """Bad input or endpoints: exit 2; a pipeline task that failed: exit 1, one line that
-    names the task and its log."""
+def _run_errors(output: RunOutput) -> Iterator[None]:
+    """Bad input or endpoints: exit 2; a pipeline task that failed: exit 1; Ctrl-C or
+    SIGTERM: exit 130 or 143. A run that stopped ends with one line that says how, how it
+    was marked, and where a rerun resumes."""
+    from npo.interrupts import exit_code, signal_of, terminate_as_interrupt
     from npo.pipelines.local import PipelineFailed
 
+    def said(e: BaseException) -> str:  # its message and the notes the run added to it
+        return "; ".join(part for part in [str(e), *getattr(e, "__notes__", [])] if part)
+
     try:
-        yield
+        with terminate_as_interrupt():
+            yield
+    except KeyboardInterrupt as e:
+        output.stopped("interrupted", "; ".join(p for p in (signal_of(e).name, said(e)) if p))
+        raise typer.Exit(exit_code(e)) from None
     except _bad_input() as e:
         _fail(e)
     except PipelineFailed as e:
-        err_console.print(Text("run failed: ", style="bold red") + Text(str(e)))
+        output.stopped("failed", said(e))
         raise typer.Exit(1) from None
+
+
+LogFormatOpt = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        help="auto: bars on a terminal, plain lines elsewhere (a pipe, a log file); rich: "
+        "bars; plain: one full line per step or few seconds; json: one JSON object per "
+        "line and event.",
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option(help="No progress, only messages and the summary.")]
 
 
 @app.command(epilog=EXIT_CODES)
@@ -192,27 +225,26 @@ def run(
     config: ConfigArg = None,
     set_: SetOpt = None,
     fresh: Annotated[bool, typer.Option(help="Delete a previous run of this name first.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
     engine: EngineOpt = "pipeline",
+    runner: RunnerOpt = "subprocess",
+    log_format: LogFormatOpt = "auto",
 ) -> None:
     """Run (or resume) an experiment locally: warm-up, RL, evaluation, report."""
+    if runner != "subprocess" and engine != "pipeline":
+        _fail(f"--runner {runner} runs the pipeline's tasks: it needs --engine pipeline")
     cfg = _load(config, set_)
     _preflight(cfg, fresh=fresh)
     _quiet_libraries(engine)
     from npo.experiment import run_experiment
-    from npo.progress import RichProgress
+    from npo.progress import make_output
 
-    console.print(
-        f"[bold]npo run[/bold] {cfg.name}: method={cfg.method} task={cfg.task.kind} engine={engine}"
-    )
-    with _run_errors(), _pinned_console():
-        if quiet:
-            summary = run_experiment(cfg, fresh=fresh, engine=engine)
-        else:
-            with RichProgress(console) as progress:
-                summary = run_experiment(cfg, fresh=fresh, progress=progress, engine=engine)
-    console.print(_summary_table(summary))
-    console.print(f"report: {summary['report']}")
+    output = make_output(log_format, console, err_console, quiet)
+    output.notice(f"npo run {cfg.name}: method={cfg.method} task={cfg.task.kind} engine={engine}")
+    with _run_errors(output), _pinned_console(), output:
+        summary = run_experiment(cfg, fresh, output, engine, notify=output.notice, runner=runner)
+    output.summary(summary)
+    output.notice(f"report: {summary['report']}")
 
 
 @app.command(epilog=EXIT_CODES)
@@ -228,13 +260,17 @@ def compare(
         float | None, typer.Option(help="Eval accuracy for the steps-to-threshold column.")
     ] = None,
     fresh: Annotated[bool, typer.Option(help="Delete previous runs of these names.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
     engine: EngineOpt = "pipeline",
+    runner: RunnerOpt = "subprocess",
+    log_format: LogFormatOpt = "auto",
 ) -> None:
     """Run several experiments (sharing the first one's warm-up) and compare them."""
     if len(configs) < 2:
         # One config is `npo run`; starting it as a comparison of one would train for nothing.
         _fail(f"compare needs at least two configs (a baseline and another), got {len(configs)}")
+    if runner != "subprocess" and engine != "pipeline":
+        _fail(f"--runner {runner} runs the pipeline's tasks: it needs --engine pipeline")
     cfgs = [_load(c, set_) for c in configs]
     if len({c.name for c in cfgs}) != len(cfgs):
         _fail("compare: every config needs its own name (set name: in each file)")
@@ -243,19 +279,17 @@ def compare(
         _preflight(cfg, path, fresh=fresh, planned={c.name for c in cfgs[:i]})
     _quiet_libraries(engine)
     from npo.compare import run_comparison
-    from npo.progress import RichProgress
+    from npo.progress import make_output
 
-    console.print(f"[bold]npo compare[/bold] {', '.join(f'{c.name} ({c.method})' for c in cfgs)}")
-    with _run_errors(), _pinned_console():
-        if quiet:
-            png, md, summaries = run_comparison(cfgs, name, threshold, fresh, None, engine)
-        else:
-            with RichProgress(console) as progress:
-                png, md, summaries = run_comparison(cfgs, name, threshold, fresh, progress, engine)
+    output = make_output(log_format, console, err_console, quiet)
+    output.notice(f"npo compare {', '.join(f'{c.name} ({c.method})' for c in cfgs)}")
+    with _run_errors(output), _pinned_console(), output:
+        png, md, summaries = run_comparison(
+            cfgs, name, threshold, fresh, output, engine, notify=output.notice, runner=runner
+        )
     for summary in summaries:
-        console.print(_summary_table(summary))
-    console.print(md.read_text(), markup=False, highlight=False)
-    console.print(f"comparison: {md} and {png}")
+        output.summary(summary)
+    output.comparison(md.read_text(), {"markdown": str(md), "plot": str(png)})
 
 
 @app.command("eval", epilog=EXIT_CODES)

@@ -18,7 +18,7 @@ from npo.config import ExperimentConfig
 from npo.experiment import run_experiment
 from npo.report_compare import RunCurves, write_comparison
 from npo.report_ui import events_of
-from npo.steps.context import ProgressFn, metadata_url
+from npo.steps.context import NoticeFn, ProgressFn, metadata_url
 from npo.store.metadata import MetadataDB
 
 
@@ -40,6 +40,8 @@ def run_comparison(
     fresh: bool = False,
     progress: ProgressFn | None = None,
     engine: str = "direct",
+    notify: NoticeFn | None = None,
+    runner: str = "subprocess",
 ) -> tuple[Path, Path, list[dict[str, Any]]]:
     """Run every config, then write the comparison; returns (png, md, summaries)."""
     if len(configs) < 2:
@@ -52,7 +54,7 @@ def run_comparison(
         if engine == "pipeline":  # one warm step server for all the runs' pipelines
             from npo.pipelines.local import LocalPipelines
 
-            pipelines = stack.enter_context(LocalPipelines(progress))
+            pipelines = stack.enter_context(LocalPipelines(progress, runner, notify))
         for cfg in configs:
             if cfg.name != first and cfg.warmup.init_from is None:
                 cfg = cfg.model_copy(
@@ -61,7 +63,7 @@ def run_comparison(
             if engine == "pipeline":
                 summaries.append(pipelines.run(cfg, fresh=fresh))
             else:
-                summaries.append(run_experiment(cfg, fresh, progress, engine))
+                summaries.append(run_experiment(cfg, fresh, progress, engine, notify))
     curves = [_curves(cfg, s) for cfg, s in zip(configs, summaries, strict=True)]
     out = configs[0].store.root.resolve() / name
     out.mkdir(parents=True, exist_ok=True)

@@ -283,6 +283,13 @@ class WarmupConfig(_Strict):
         "RL starts at the edge of competence, not at 0% or 90%.",
     )
     check_every: int = Field(20, ge=1, description="Steps between the target checks.")
+    checkpoint_every: int = Field(
+        200,
+        ge=1,
+        description="Commit the warm-up's progress every N supervised steps, so that an "
+        "interrupted warm-up resumes there (where it is kept only: may change on resume).",
+        json_schema_extra={"on_resume": "any"},
+    )
     init_from: str | None = Field(
         None,
         description="Reuse checkpoint 0 of this run (same store) when its seed, task, model "
@@ -772,6 +779,64 @@ class ClusterConfig(_Strict):
         return any(v == variable for v, _ in self._variables())
 
 
+# --------------------------------------------------------------------------- distributed
+class DistributedConfig(_Strict):
+    """How the train stage spreads over processes (docs/distributed.md). With more than one
+    rank the stage re-runs itself under torchrun (one node) or as a Kubeflow Trainer job
+    (several nodes); each rank samples and trains its share of every step's prompt groups,
+    and the update is the one a single process makes on the whole batch."""
+
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Training processes per node (torchrun --nproc-per-node): one per GPU on "
+        "a GPU node; on CPU each takes train.threads cores. 1 = no torch.distributed.",
+        json_schema_extra={"on_resume": "any"},
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes of the train stage; more than 1 runs it as a cluster job "
+        "(`launcher`), never in the pipeline's own pod.",
+        json_schema_extra={"on_resume": "any"},
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description="torch.distributed backend: auto = nccl on CUDA, gloo on CPU.",
+        json_schema_extra={"on_resume": "any"},
+    )
+    strategy: Literal["ddp"] = Field(
+        "ddp",
+        description="How ranks share the model: ddp (DistributedDataParallel, a full replica "
+        "per rank, gradients all-reduced). FSDP2 sharding is not implemented yet.",
+        json_schema_extra={"on_resume": "any"},
+    )
+    launcher: Literal["trainjob", "pytorchjob"] = Field(
+        "trainjob",
+        description="Job kind of a multi-node train stage: a Kubeflow Trainer v2 TrainJob, or "
+        "a Training Operator v1 PyTorchJob where only v1 is installed.",
+        json_schema_extra={"on_resume": "any"},
+    )
+    trainer_runtime: str = Field(
+        "torch-distributed",
+        min_length=1,
+        description="ClusterTrainingRuntime a TrainJob refers to (Trainer v2 ships "
+        "torch-distributed).",
+        json_schema_extra={"on_resume": "any"},
+    )
+    poll_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between status polls of a cluster job.",
+        json_schema_extra={"on_resume": "any"},
+    )
+
+    @property
+    def world_size(self) -> int:
+        """All ranks: nodes x nproc_per_node."""
+        return self.nodes * self.nproc_per_node
+
+
 # --------------------------------------------------------------------------- root
 class ExperimentConfig(_Strict):
     name: str = Field(
@@ -799,6 +864,7 @@ class ExperimentConfig(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
@@ -807,6 +873,24 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"algo.minibatches ({self.algo.minibatches}) must divide the rollout batch "
                 f"(rollout.prompts_per_step * rollout.group_size = {batch})"
+            )
+        world = self.distributed.world_size
+        if self.rollout.prompts_per_step % world:
+            raise ValueError(
+                f"distributed: {world} ranks (nodes x nproc_per_node) must divide "
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step}): each rank "
+                "samples whole prompt groups, the same number on every rank"
+            )
+        cluster = self.cluster
+        if (
+            cluster.accelerator_type
+            and "train" in cluster.gpu_steps
+            and self.distributed.nproc_per_node > cluster.accelerator_count
+        ):
+            raise ValueError(
+                f"distributed.nproc_per_node ({self.distributed.nproc_per_node}) > "
+                f"cluster.accelerator_count ({cluster.accelerator_count}): one rank per GPU; "
+                "raise cluster.accelerator_count or lower nproc_per_node"
             )
         from npo.methods import METHODS
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from npo.config import ExperimentConfig
 
 if TYPE_CHECKING:  # the CLI imports ENGINES from here: nothing heavy at import time
-    from npo.steps.context import ProgressFn, RunContext
+    from npo.steps.context import NoticeFn, ProgressFn, RunContext
 
 
 def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
@@ -101,36 +101,41 @@ def run_experiment(
     fresh: bool = False,
     progress: ProgressFn | None = None,
     engine: str = "direct",
+    notify: NoticeFn | None = None,
+    runner: str = "subprocess",
 ) -> dict[str, Any]:
     """Run (or resume) the experiment `cfg`; returns the summary and writes the report.
 
-    engine "pipeline": its Kubeflow pipeline through kfp.local (what `npo run` does);
-    "direct": the same flow (npo.methods.experiment) calling the stages in this process
-    (no orchestration: the baseline of bench/pipeline_overhead.py, and what most tests
-    use)."""
+    engine "pipeline": its Kubeflow pipeline through kfp.local (what `npo run` does), on
+    kfp.local's `runner` ("subprocess" or "docker": npo.pipelines.local); "direct": the
+    same flow (npo.methods.experiment) calling the stages in this process (no
+    orchestration: the baseline of bench/pipeline_overhead.py, and what most tests use).
+    `notify` gets one-off lines (e.g. which checkpoint a resumed run starts from). A run
+    that does not finish is marked `interrupted` (KeyboardInterrupt, npo.interrupts'
+    SIGTERM) or `failed`, and the exception carries a note saying so."""
     if engine == "pipeline":
         from npo.pipelines.local import run_pipeline
 
-        return run_pipeline(cfg, fresh=fresh, progress=progress)
+        return run_pipeline(cfg, fresh=fresh, progress=progress, runner=runner, notify=notify)
     if engine != "direct":
         raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
     from npo.flow import InProcess
     from npo.methods import experiment
     from npo.stages import use_compute
-    from npo.steps.context import open_run
+    from npo.steps.context import mark_stopped, open_run
+    from npo.store.metadata import RunStatus
 
     ctx = open_run(cfg, fresh=fresh, progress=progress)
+    if ctx.resume_note and notify:
+        notify(ctx.resume_note)
     use_compute(cfg)
-    status = "FAILED"
     try:
         ctx.db.set_run_status(ctx.run_id, "running")
         summary = dict(experiment(InProcess(ctx))["summary"])
-        status = "FINISHED"
-        return summary
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        ctx.close("KILLED" if interrupted else "FAILED")
+        e.add_note(mark_stopped(cfg, RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED))
         raise
-    finally:
-        if status != "FINISHED":
-            ctx.db.set_run_status(ctx.run_id, "failed")
-        ctx.close(status)
+    ctx.close("FINISHED")
+    return summary

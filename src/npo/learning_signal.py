@@ -118,3 +118,17 @@ def memorised_warning(warmup_row: Mapping[str, Any]) -> str | None:
         f"{accuracy:.1%}, so it learnt those answers, not the task (more warm-up steps will "
         "not help); use more training data, fewer warmup.steps, or a smaller model"
     )
+
+
+def progress_notes(phase: str, done: int, metrics: Mapping[str, float]) -> list[str]:
+    """What a progress event asks to tell the user besides the numbers: a run without
+    learning signal, e.g. "grpo step 10: no learning signal ..." (bars, log lines, pod
+    logs)."""
+    if NO_SIGNAL not in metrics:
+        return []
+    message = no_signal_message(
+        int(metrics[NO_SIGNAL]),
+        metrics.get("reward/all_correct_frac", math.nan),
+        metrics.get("reward/mean", math.nan),
+    )
+    return [f"{phase} step {done}: {message}"]

@@ -239,12 +239,18 @@ def train(
     The trigger (reward-EMA stagnation with declining entropy, confirmed on the mistake
     pool) is checked every `autonpo.check_every` steps, each of which is checkpointed."""
     from npo.report_ui import train_outputs
-    from npo.steps.train_segment import train_segment
+    from npo.steps.ranks import RanksFailed, needs_ranks, run_on_ranks
+    from npo.steps.train_segment import finished_state, train_segment
     from npo.training.state import fork_checkpoint
 
     run = context_for(ctx, run_id)
     if fork_from:  # a no-op once the copy is in the store and recorded in the DB
         fork_checkpoint(ctx.store, fork_from, run_id, start, db=ctx.db)
+    if needs_ranks(ctx.cfg):  # N ranks train; the segment's end is then read back below
+        params = dict(run_id=run_id, start=start, end=end, guidance=guidance, phase=phase)
+        run_on_ranks(ctx.cfg, "train", {**params, "fork_from": fork_from, "watch": watch})
+        if finished_state(run, start, end) is None:
+            raise RanksFailed(f"train {run_id} ({start}, {end}]: the ranks stopped early")
     state = train_segment(
         run,
         start,

@@ -79,7 +79,8 @@ class Graph:
         if self.local:  # kfp.local: no Kubernetes, and no cache that would skip a stage
             task.set_caching_options(enable_caching=False)
         else:
-            apply_cluster(task, declared, self.cfg.cluster)
+            as_job = declared.name == "train" and self.cfg.distributed.nodes > 1
+            apply_cluster(task, declared, self.cfg.cluster, as_job)
         return TaskOutputs(task)
 
     def when(self, condition: Any, then: Branch, otherwise: Branch, name: str) -> Outputs:

@@ -43,8 +43,12 @@ def image_of(stage: Stage, cluster: ClusterConfig) -> str:
     return cluster.image
 
 
-def apply_cluster(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> PipelineTask:
-    """Configure `task` (running `stage`) for the cluster and return it.
+def apply_cluster(
+    task: PipelineTask, stage: Stage, cluster: ClusterConfig, as_job: bool = False
+) -> PipelineTask:
+    """Configure `task` (running `stage`) for the cluster and return it. `as_job`: the stage's
+    work runs in a cluster job of its own (a multi-node train stage: npo.pipelines.trainjob),
+    so its task's pod needs no accelerator.
 
     Caching is off for every task: stages are idempotent through the store and must run
     again when a run is resumed or repeated, which KFP's cache would skip. Every task gets
@@ -64,7 +68,7 @@ def apply_cluster(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> P
         run_as_group=cluster.run_as_group,
         run_as_non_root=True,
     )
-    _resources(task, stage, cluster)
+    _resources(task, stage, cluster, as_job)
     if not stage.opens_run:
         return task
     if stage.retried and cluster.retry.count > 0:
@@ -79,9 +83,9 @@ def apply_cluster(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> P
     return task
 
 
-def _resources(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> None:
+def _resources(task: PipelineTask, stage: Stage, cluster: ClusterConfig, as_job: bool) -> None:
     """Requests, limit and deadline: the model steps' or the light ones'; the accelerator
-    only on the GPU stages."""
+    only on the GPU stages that compute in their own pod."""
     sized = cluster if stage.runs_model else cluster.light
     task.set_cpu_request(sized.cpu_request)
     task.set_memory_request(sized.memory_request)
@@ -90,7 +94,7 @@ def _resources(task: PipelineTask, stage: Stage, cluster: ClusterConfig) -> None
     timeout = cluster.timeouts.get(stage.name, sized.timeout)
     if timeout:
         kubernetes.set_timeout(task, timeout)
-    if cluster.accelerator_type and stage.name in cluster.gpu_steps:
+    if cluster.accelerator_type and stage.name in cluster.gpu_steps and not as_job:
         task.set_accelerator_type(cluster.accelerator_type)
         task.set_accelerator_limit(cluster.accelerator_count)
 

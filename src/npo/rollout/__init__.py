@@ -27,9 +27,11 @@ def rollout(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     n: int,
+    seeds: list[int] | None = None,
 ) -> RolloutBatch:
     """`n` samples per prompt at the config's temperature and length, on its backend (hf:
-    `hf_batch_size` sequences per generate call)."""
+    `hf_batch_size` sequences per generate call; `seeds`: one generator per prompt group,
+    see npo.rollout.hf. vLLM takes one seed per call and ignores them)."""
     if cfg.backend == "vllm":
         from npo.rollout import vllm
 
@@ -54,4 +56,5 @@ def rollout(
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.hf_batch_size,
+        seeds=seeds,
     )

@@ -11,6 +11,11 @@ The decoding loop is the model's own forward with its KV cache rather than `gene
 the G rows of a group then share one pass over their prompt (generate would run the
 prompt once per row, which is most of the work for short answers), and no logits
 processors run that would have to be switched off to keep the distribution plain.
+
+With `seeds` (one per prompt) each group draws from its own generator: the responses of a
+prompt then do not depend on which other prompts share the call or how `batch_size` cuts
+it, so ranks that each sample a share of a step's prompts draw what one process drawing
+them all would (up to float rounding of the batched forward).
 """
 
 from __future__ import annotations
@@ -48,21 +53,37 @@ def sample(
     temperature: float = 1.0,
     max_new_tokens: int = 16,
     batch_size: int | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> RolloutBatch:
     """Sample `n` responses for each prompt (grouped: rows i*n .. i*n+n-1 answer prompt i).
 
     temperature == 0 means greedy decoding (evaluation): its logprobs are not recorded (0).
-    batch_size bounds how many sequences go through `generate` at once (None = all).
+    batch_size bounds how many sequences go through `generate` at once (None = all; with
+    `seeds` rounded down to whole groups, at least one). seeds: one per prompt, for each
+    group's own generator (module docstring); None draws from torch's global RNG.
     """
     if not prompts:
         raise ValueError("sample() needs at least one prompt")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"sample(): {len(seeds)} seeds for {len(prompts)} prompts")
     was_training = model.training
     model.eval()
     expanded = [p for p in prompts for _ in range(n)]
     index = torch.arange(len(prompts)).repeat_interleave(n)
     chunk = batch_size or len(expanded)
+    generators = None
+    if seeds is not None:
+        chunk = max(n, chunk - chunk % n)
+        generators = [torch.Generator(model.device).manual_seed(int(s)) for s in seeds]
     parts = [
-        _generate(model, tokenizer, expanded[i : i + chunk], temperature, max_new_tokens)
+        _generate(
+            model,
+            tokenizer,
+            expanded[i : i + chunk],
+            temperature,
+            max_new_tokens,
+            None if generators is None else (generators[i // n : (i + chunk) // n], n),
+        )
         for i in range(0, len(expanded), chunk)
     ]
     model.train(was_training)
@@ -77,8 +98,10 @@ def _generate(
     prompts: list[str],
     temperature: float,
     max_new_tokens: int,
+    groups: tuple[list[torch.Generator], int] | None = None,
 ) -> RolloutBatch:
-    """One response per entry of `prompts` (which may repeat: a group's rows)."""
+    """One response per entry of `prompts` (which may repeat: a group's rows); `groups`:
+    (one generator per run of n consecutive rows, n)."""
     distinct = list(dict.fromkeys(prompts))
     where = {p: i for i, p in enumerate(distinct)}
     rows = torch.tensor([where[p] for p in prompts], device=model.device)
@@ -88,7 +111,7 @@ def _generate(
     stops = stop_token_ids(model)
     with compute_context(model):
         response_ids, logp = _decode(
-            model, prompt_ids, prompt_mask, rows, temperature, max_new_tokens, stops
+            model, prompt_ids, prompt_mask, rows, temperature, max_new_tokens, stops, groups
         )
     mask = response_mask_from_ids(response_ids, stops)
     logp = logp * mask
@@ -116,6 +139,7 @@ def _decode(
     temperature: float,
     max_new_tokens: int,
     stops: Sequence[int],
+    groups: tuple[list[torch.Generator], int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample (or, at temperature 0, pick the argmax of) up to `max_new_tokens` tokens for
     each row, from the KV cache of its prompt: each distinct prompt [U, P] is run once and
@@ -135,7 +159,7 @@ def _decode(
             logps.append(torch.zeros(len(rows), device=rows.device))
         else:
             logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-            token = torch.multinomial(logp.exp(), 1).squeeze(1)
+            token = _draw(logp.exp(), groups)
             logps.append(logp.gather(1, token[:, None]).squeeze(1))
         drawn.append(token)
         ended |= torch.isin(token, stop_ids)
@@ -151,6 +175,20 @@ def _decode(
         )
         logits = out.logits[:, -1]
     return torch.stack(drawn, dim=1), torch.stack(logps, dim=1)
+
+
+def _draw(probs: torch.Tensor, groups: tuple[list[torch.Generator], int] | None) -> torch.Tensor:
+    """One token per row of probs [B, V] -> [B]: from the global RNG, or each run of n rows
+    from its own generator."""
+    if groups is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    generators, n = groups
+    return torch.cat(
+        [
+            torch.multinomial(probs[i * n : (i + 1) * n], 1, generator=g).squeeze(1)
+            for i, g in enumerate(generators)
+        ]
+    )
 
 
 def _pad_to(x: torch.Tensor, width: int, value: int | float, left: bool) -> torch.Tensor:

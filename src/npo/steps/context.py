@@ -28,12 +28,21 @@ import yaml
 from npo.config import ExperimentConfig, public_dump, resume_conflicts
 from npo.store.artifacts import ArtifactStore, open_store
 from npo.store.checkpoint import list_checkpoints
-from npo.store.metadata import MetadataDB, RunRow, default_metadata_url
-from npo.store.tracking import NullTracker, Tracker, make_tracker
+from npo.store.metadata import MetadataDB, RunRow, RunStatus, default_metadata_url
+from npo.store.tracking import (
+    NullTracker,
+    Tracker,
+    delete_tracked_run,
+    end_tracked_run,
+    make_tracker,
+)
 from npo.tasks import Task, make_task
 
 ProgressFn = Callable[[str, int, int, dict[str, float]], None]
 """progress(phase, done, total, latest_metrics): the CLI draws bars from it."""
+
+NoticeFn = Callable[[str], None]
+"""notify(text): a one-off line for the user (e.g. which checkpoint a resumed run starts at)."""
 
 
 HISTORY = "metrics.jsonl"  # the export of a run's history in its output folder
@@ -63,6 +72,7 @@ class RunContext:
     progress: ProgressFn = _noop_progress
     root_id: str = ""
     history_id: str = ""
+    resume_note: str | None = None  # set by open_run: what reopening the run means (or None)
 
     def __post_init__(self) -> None:
         self.root_id = self.root_id or self.run_id
@@ -109,6 +119,64 @@ def is_branch(root_id: str, run_id: str) -> bool:
     return run_id.startswith(f"{root_id}.") and not is_main_line(root_id, run_id)
 
 
+def warmup_progress_id(run_id: str) -> str:
+    """Where a warm-up keeps its checkpoints until checkpoint 0 (`<run>.warmup`): a run id
+    of its own, so that its supervised steps never mix with policy steps."""
+    return f"{run_id}.warmup"
+
+
+def last_commit(db: MetadataDB, cfg: ExperimentConfig) -> str:
+    """Where a rerun of run `cfg.name` continues from, in words: its newest committed
+    checkpoint on the main line (a rollback's lineage included), else its warm-up's."""
+    rows = db.family_checkpoints(cfg.name)
+    main = [r for r in rows if is_main_line(cfg.name, r.run_id)]
+    if main:
+        last = main[-1]
+        lineage = f" of lineage {last.run_id}" if last.run_id != cfg.name else ""
+        if last.step == 0 and not lineage:
+            return "its last checkpoint is the end of its warm-up (policy step 0)"
+        return f"its last checkpoint is policy step {last.step}{lineage}"
+    warm = [r for r in rows if r.run_id == warmup_progress_id(cfg.name)]
+    if warm:
+        return f"its last checkpoint is warm-up step {warm[-1].step} of {cfg.warmup.steps}"
+    return "it has no checkpoint yet"
+
+
+def _resume_note(db: MetadataDB, cfg: ExperimentConfig, row: RunRow | None) -> str | None:
+    """What reopening the run means, for the user: None for a new run; `row` is the run's
+    row as it was before this open."""
+    if row is None:
+        return None
+    steps = row.config.get("train", {}).get("steps")  # train.steps may grow on resume
+    if row.status == RunStatus.COMPLETED and steps == cfg.train.steps:
+        return (
+            f"run {cfg.name!r} is complete: its tasks return their committed results "
+            "(--fresh runs it again)"
+        )
+    more = f"; on to policy step {cfg.train.steps}" if steps != cfg.train.steps else ""
+    return f"resuming run {cfg.name!r} ({row.status}): {last_commit(db, cfg)}{more}"
+
+
+def mark_stopped(cfg: ExperimentConfig, status: RunStatus) -> str:
+    """Record that run `cfg.name` stopped without finishing (`interrupted` or `failed`) in
+    the metadata DB and its MLflow run (KILLED or FAILED): whatever stopped its stage may
+    have given that stage no chance to. Returns a line saying so, and where a rerun of the
+    same command resumes. A run that completed meanwhile is left as it is."""
+    root = cfg.store.root.resolve()
+    with MetadataDB(metadata_url(cfg)) as db:
+        row = db.get_run(cfg.name)
+        if row is None:
+            return f"run {cfg.name!r} had not started"
+        if row.status == RunStatus.COMPLETED:
+            return f"run {cfg.name!r} had completed"
+        db.set_run_status(cfg.name, status)
+        if row.mlflow_run_id:
+            mlflow_status = "KILLED" if status == RunStatus.INTERRUPTED else "FAILED"
+            end_tracked_run(cfg.tracking, root, row.mlflow_run_id, mlflow_status)
+        where = last_commit(db, cfg)
+    return f"run {cfg.name!r} marked {status.value}; {where}: the same command resumes it"
+
+
 def metadata_url(cfg: ExperimentConfig) -> str:
     """NPO_METADATA_URL (from a Secret), else the config's URL, else SQLite under root."""
     url = os.environ.get("NPO_METADATA_URL") or cfg.store.metadata_url
@@ -152,6 +220,10 @@ def open_run(
     db = MetadataDB(metadata_url(cfg))
     db.migrate()
     if fresh:
+        old = db.get_run(cfg.name)
+        if old is not None and old.mlflow_run_id:
+            # one name, one MLflow run: the restarted run's old one goes to MLflow's trash
+            delete_tracked_run(cfg.tracking, cfg.store.root.resolve(), old.mlflow_run_id)
         if run_dir.exists():
             shutil.rmtree(run_dir)
         store.delete_prefix(f"runs/{cfg.name}/")  # the run's checkpoints, guidance, report
@@ -176,6 +248,7 @@ def open_run(
             f"the metadata DB ({db.safe_url}) has no such run; pass --fresh to start the run "
             "over"
         )
+    note = _resume_note(db, cfg, row)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(ours, sort_keys=True))
     db.upsert_run(cfg.name, cfg.name, cfg.method, cfg.seed, ours)
@@ -198,4 +271,5 @@ def open_run(
         db=db,
         tracker=tracker,
         progress=progress or _noop_progress,
+        resume_note=note,
     )

@@ -12,6 +12,13 @@ With a `watch` (AutoNPO), every `watch.every` policy steps before `end_step` it 
 checkpoint (a rollback target) and asks the watch whether to stop there: when it returns
 signals, the segment ends at that step and the checkpoint records them (`state["trigger"]`),
 so a retried task returns the same stop instead of training past it.
+
+Under torchrun (distributed.nproc_per_node / nodes > 1; `npo.steps.ranks` starts it) every
+rank runs this function: each samples and trains its share of the step's prompt groups
+(npo.training.distributed), the sampling of a prompt is seeded by its place in the step so
+the ranks draw what one process would, evaluation prompts are split too, and only rank 0
+writes metrics, checkpoints (the same format whatever the rank count: the model is
+replicated) and progress. Sources with state of their own (ExGRPO's pool) are refused.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from transformers import PreTrainedModel
 from npo.algo import compute_advantages, zero_variance_fraction
 from npo.algo.npo import offpolicy_stats, old_logprobs_for_mix, pass_rates
 from npo.guidance.inject import inject_guidance
-from npo.guidance.sources import TrajectorySource
+from npo.guidance.sources import Stateless, TrajectorySource
 from npo.learning_signal import (
     NO_SIGNAL,
     TRAINED_ZERO_VAR,
@@ -39,6 +46,7 @@ from npo.steps.context import RunContext
 from npo.steps.evaluate import eval_settings, evaluate_policy
 from npo.store.checkpoint import list_checkpoints, read_manifest, recorded_steps
 from npo.tasks import Problem, Task
+from npo.training.distributed import Ranks, current, wrap_model
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
 from npo.training.rl_step import ppo_update, sequence_logprobs
 from npo.training.seeding import batch_indices, derive_seed, seed_everything, set_rng_state
@@ -82,11 +90,13 @@ def scored_rollout(
     tokenizer: Any,
     task: Task,
     problems: list[Problem],
+    seeds: list[int] | None = None,
 ) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
     """Sample `rollout.group_size` responses per problem and verify them: the batch
-    [N*G rows], the rewards [N, G] and the step's rollout metrics."""
+    [N*G rows], the rewards [N, G] and the step's rollout metrics. seeds: one sampling
+    generator per problem (see npo.rollout.hf)."""
     ro = cfg.rollout
-    batch = rollout(ro, model, tokenizer, [p.prompt for p in problems], ro.group_size)
+    batch = rollout(ro, model, tokenizer, [p.prompt for p in problems], ro.group_size, seeds)
     verdicts = task.verify_batch([problems[i] for i in batch.prompt_index.tolist()], batch.texts)
     rewards = torch.tensor([v.reward for v in verdicts]).view(len(problems), ro.group_size)
     return batch, rewards, rollout_metrics(rewards, batch, stop_token_ids(model))
@@ -130,13 +140,15 @@ def _resume_point(ctx: RunContext, start_step: int, end_step: int) -> int:
 
 
 def _record_mistakes(
-    ctx: RunContext, step: int, problems: list[Problem], rewards: torch.Tensor
+    ctx: RunContext, step: int, problems: list[Problem], rewards: torch.Tensor, ranks: Ranks
 ) -> None:
-    """AutoNPO's mistake pool: prompts whose group pass rate is below the threshold."""
+    """AutoNPO's mistake pool: prompts whose group pass rate is below the threshold (rank 0
+    records every rank's)."""
     rates = pass_rates(rewards).tolist()
     failed = [(p.id, r) for p, r in zip(problems, rates, strict=True)]
     failed = [(pid, r) for pid, r in failed if r < ctx.cfg.autonpo.mistake_below]
-    if failed:
+    failed = [f for part in ranks.gather_object(failed) for f in part]
+    if failed and ranks.main:
         ctx.db.record_mistakes(ctx.root_id, step, failed)
 
 
@@ -178,6 +190,32 @@ def _mix_in(
     return mixed.batch, mixed.rewards, old, mixed.is_guide, metrics
 
 
+def sampling_seeds(seed: int, global_step: int, positions: range) -> list[int]:
+    """The sampling seed of each prompt of a step, by its place in the step's prompts: the
+    same whichever rank samples it.
+
+    >>> a = sampling_seeds(0, 3, range(4)); a[2:] == sampling_seeds(0, 3, range(2, 4))
+    True
+    """
+    base = derive_seed(seed, global_step, stream=2)
+    return [derive_seed(base, i, stream=3) for i in positions]
+
+
+def sharded_eval(
+    model: PreTrainedModel, tokenizer: Any, ctx: RunContext, evals: list[Problem], ranks: Ranks
+) -> dict[str, float]:
+    """evaluate_policy over `evals`, each rank decoding its share: the means weighted by
+    each share's size, eval/n the total (all ranks get the result)."""
+    if not ranks.active or len(evals) < ranks.world:
+        return evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(ctx.cfg))
+    mine = evaluate_policy(
+        model, tokenizer, ctx.task, evals[ranks.uneven_shard(len(evals))], **eval_settings(ctx.cfg)
+    )
+    n = mine["eval/n"]
+    total = ranks.sum_values({k: (v if k == "eval/n" else v * n) for k, v in mine.items()})
+    return {k: (v if k == "eval/n" else v / total["eval/n"]) for k, v in total.items()}
+
+
 def train_segment(
     ctx: RunContext,
     start_step: int,
@@ -198,8 +236,10 @@ def train_segment(
         return done
     cfg, algo, ro = ctx.cfg, ctx.cfg.algo, ctx.cfg.rollout
     step = _resume_point(ctx, start_step, end_step)
+    ranks = current()
     loaded = load_train_state(ctx.store, ctx.run_id, step, cfg.model.dtype, db=ctx.db)
     model, tokenizer = loaded.model, loaded.tokenizer
+    replica = wrap_model(model, ranks)  # what the update differentiates (DDP on N ranks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr, weight_decay=algo.weight_decay)
     if loaded.optimizer_state is not None:
         optimizer.load_state_dict(loaded.optimizer_state)
@@ -212,11 +252,17 @@ def train_segment(
         ref_model = ref.model.eval()
     slot_source = source()
     if slot_source is not None:
+        if ranks.active and not isinstance(slot_source, Stateless):
+            raise NotImplementedError(
+                f"{type(slot_source).__name__} keeps state of its own, which ranks would "
+                "split: run this method with distributed.nproc_per_node = nodes = 1"
+            )
         slot_source.restore(loaded.extra)
     state = dict(loaded.state)
     state.pop("trigger", None)  # a stop recorded at the start point is not this segment's
-    if step < end_step:  # resuming mid-segment: rows past the checkpoint died with a crash
+    if step < end_step and ranks.main:  # resuming mid-segment: rows past it died in a crash
         truncate_history(ctx, state["global_step"])
+    ranks.barrier()  # the history every rank reads next is the truncated one
 
     # steps without signal so far (a resumed or later segment goes on counting)
     streak = trailing_streak(ctx.history(until_step=state["global_step"]))
@@ -225,7 +271,8 @@ def train_segment(
     # Progress in policy steps of the whole run: a run cut into several train tasks (a
     # pipeline) keeps one bar per phase instead of restarting it per task.
     total = max(end_step, cfg.train.steps)
-    ctx.progress(phase, step, total, {})
+    if ranks.main:
+        ctx.progress(phase, step, total, {})
     while step < end_step:
         step += 1
         t0 = time.perf_counter()
@@ -240,11 +287,14 @@ def train_segment(
         problems = [train[i] for i in idx]
         if slot_source is not None:
             problems = slot_source.select(problems, step)
-        batch, rewards, on_policy = scored_rollout(cfg, model, tokenizer, ctx.task, problems)
+        share = ranks.shard(len(problems))  # whole groups: advantages stay on one rank
+        problems = problems[share]
+        seeds = sampling_seeds(cfg.seed, state["global_step"] + 1, range(len(idx))[share])
+        batch, rewards, on_policy = scored_rollout(cfg, model, tokenizer, ctx.task, problems, seeds)
         t_rollout = time.perf_counter() - t0
         sampled_tokens = batch.num_response_tokens
         if cfg.method == "autonpo":
-            _record_mistakes(ctx, step, problems, rewards)
+            _record_mistakes(ctx, step, problems, rewards, ranks)
         t1 = time.perf_counter()
         old, shaped, extra = None, None, {}
         if slot_source is not None:
@@ -257,7 +307,7 @@ def train_segment(
             shaped = guide_rows if slot_source.shaped else None
         advantages = compute_advantages(algo.adv_estimator, rewards, algo.adv_eps).reshape(-1)
         metrics = ppo_update(
-            model,
+            replica,
             optimizer,
             batch,
             advantages,
@@ -267,10 +317,14 @@ def train_segment(
             old_logprobs=old,
             shaped_rows=shaped,
             shaping_gamma=cfg.baselines.luffy_gamma,
+            ranks=ranks,
         )
         t_train = time.perf_counter() - t1
         tokens = batch.num_response_tokens + int(batch.prompt_mask.sum())
-        metrics |= on_policy | extra
+        # means over equal shards: the whole batch's mean is the mean of the ranks'
+        metrics |= ranks.mean_values(on_policy | extra)
+        counts = ranks.sum_values({"sampled": sampled_tokens, "trained": tokens})
+        sampled_tokens, tokens = counts["sampled"], counts["trained"]
         metrics |= {
             "actor/lr": lr,
             "perf/step_time_s": time.perf_counter() - t0,
@@ -283,14 +337,20 @@ def train_segment(
         # a check may end the segment: evaluate there too, as at every segment's end
         checked = watch is not None and step % watch.every == 0 and step < end_step
         if step % cfg.train.eval_every == 0 or step == end_step or checked:
-            metrics |= evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(cfg))
-        record_metrics(ctx, metrics, state["global_step"], step)
-        trigger = watch(model, tokenizer, step, state["global_step"]) if checked else None
-        if step % cfg.train.checkpoint_every == 0 or step == end_step or checked:
+            metrics |= sharded_eval(model, tokenizer, ctx, evals, ranks)
+        if ranks.main:
+            record_metrics(ctx, metrics, state["global_step"], step)
+        trigger = None
+        if checked:  # rank 0 decides; every rank stops with it
+            trigger = watch(model, tokenizer, step, state["global_step"]) if ranks.main else None
+            trigger = ranks.broadcast_object(trigger)
+        saving = step % cfg.train.checkpoint_every == 0 or step == end_step or checked
+        if saving:
             state["phase"] = phase
             state["data_cursor"] = step * ro.prompts_per_step
             if trigger is not None:
                 state["trigger"] = trigger
+        if saving and ranks.main:
             manifest = save_train_state(
                 ctx.store,
                 ctx.run_id,
@@ -302,7 +362,10 @@ def train_segment(
                 extra=slot_source.state_files() if slot_source is not None else None,
             )
             record_checkpoint(ctx, step, manifest, {k: v for k, v in metrics.items() if "/" in k})
-        ctx.progress(phase, step, total, metrics)
+        if saving:
+            ranks.barrier()  # a rank that returns finds the segment's checkpoint committed
+        if ranks.main:
+            ctx.progress(phase, step, total, metrics)
         if trigger is not None:
             break
     return state

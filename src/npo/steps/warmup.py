@@ -1,7 +1,9 @@
 """Pipeline step: build the initial policy and warm it up on gold answers -> checkpoint 0.
 
 Idempotent: when checkpoint 0 of the run exists (and the metadata DB recorded it), nothing
-is recomputed.
+is recomputed. Every `warmup.checkpoint_every` supervised steps the warm-up commits its
+progress under its own run id (`<run>.warmup`), so a task that dies resumes from there with
+the same batches ahead of it; checkpoint 0 replaces those checkpoints when it is committed.
 """
 
 from __future__ import annotations
@@ -10,16 +12,20 @@ import time
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from npo.config import current_dump, public_dump
 from npo.policy import init_policy
-from npo.steps.context import RunConflict, RunContext
+from npo.steps.context import RunConflict, RunContext, warmup_progress_id
 from npo.steps.evaluate import eval_settings, evaluate_policy
-from npo.store.checkpoint import list_checkpoints, recorded_steps
+from npo.store.checkpoint import checkpoint_uri, list_checkpoints, manifest_digest, recorded_steps
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
-from npo.training.seeding import batch_indices, derive_seed, seed_everything
+from npo.training.seeding import batch_indices, derive_seed, seed_everything, set_rng_state
 from npo.training.sft import sft_step
-from npo.training.state import fork_checkpoint, save_train_state
+from npo.training.state import fork_checkpoint, load_train_state, save_train_state
+
+# model, tokenizer, optimizer, supervised steps done, seconds spent, that step's metrics
+_Resumed = tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.optim.Optimizer, int, float, dict]
 
 
 def warmup(ctx: RunContext) -> dict[str, float]:
@@ -39,21 +45,27 @@ def warmup(ctx: RunContext) -> dict[str, float]:
         return _reuse(ctx, source)
     truncate_history(ctx, -1)  # rows of an attempt that died before checkpoint 0
     seed_everything(derive_seed(cfg.seed, 0, stream=2))
-    model, tokenizer = init_policy(cfg.model, ctx.task.alphabet(), cfg.seed)
+    resumed = _resume(ctx)
+    if resumed is None:
+        model, tokenizer = init_policy(cfg.model, ctx.task.alphabet(), cfg.seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.lr, weight_decay=0.0)
+        done, spent, metrics = 0, 0.0, {}
+    else:
+        model, tokenizer, opt, done, spent, metrics = resumed
     train = ctx.task.train_problems()
     evals = ctx.task.eval_problems()[: cfg.train.eval_size]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.lr, weight_decay=0.0)
-    started = time.perf_counter()
+    started = time.perf_counter() - spent
     target = cfg.warmup.target_accuracy
-    done = 0
-    while done < cfg.warmup.steps:
+    reached = False
+    while done < cfg.warmup.steps and not reached:
+        # each step's batch is a function of the step alone: a resumed warm-up draws the
+        # batches the uninterrupted one would have
         idx = batch_indices(len(train), cfg.warmup.batch_size, done, derive_seed(cfg.seed, 0, 3))
         problems = [train[i] for i in idx]
         metrics = sft_step(
             model, opt, tokenizer, problems, cfg.algo.max_grad_norm, cfg.algo.micro_batch_size
         )
         done += 1
-        reached = False
         if done % cfg.warmup.check_every == 0 or done == cfg.warmup.steps:
             if target is not None:
                 acc = evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(cfg))[
@@ -63,8 +75,8 @@ def warmup(ctx: RunContext) -> dict[str, float]:
                 reached = acc >= target
             ctx.tracker.log_metrics(metrics, step=done)
         ctx.progress("warm-up", cfg.warmup.steps if reached else done, cfg.warmup.steps, metrics)
-        if reached:
-            break
+        if not reached and done < cfg.warmup.steps and done % cfg.warmup.checkpoint_every == 0:
+            _save_progress(ctx, model, tokenizer, opt, done, time.perf_counter() - started, metrics)
     result = evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(cfg))
     result["warmup/steps"] = float(done)
     if done:  # its last train loss: near 0 at a low accuracy = memorised (summarize says)
@@ -80,12 +92,68 @@ def warmup(ctx: RunContext) -> dict[str, float]:
     record_metrics(ctx, result, global_step=0, policy_step=0)
     manifest = save_train_state(ctx.store, ctx.run_id, 0, model, tokenizer, None, state)
     record_checkpoint(ctx, 0, manifest, result)
+    _drop_progress(ctx)  # checkpoint 0 supersedes them
     return result
+
+
+def _save_progress(
+    ctx: RunContext,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    opt: torch.optim.Optimizer,
+    done: int,
+    seconds: float,
+    metrics: dict[str, float],
+) -> None:
+    """Commit the warm-up after `done` supervised steps (weights, AdamW state, RNG), so that
+    an interrupted warm-up resumes there instead of at step 1."""
+    run_id = warmup_progress_id(ctx.run_id)
+    ctx.db.upsert_run(run_id, run_id, f"{ctx.cfg.method}-warmup", ctx.cfg.seed, {})
+    state = {"phase": "warmup", "warmup_step": done, "seconds": seconds, "metrics": metrics}
+    manifest = save_train_state(ctx.store, run_id, done, model, tokenizer, opt, state)
+    ctx.db.record_checkpoint(
+        run_id, done, checkpoint_uri(ctx.store, run_id, done), manifest_digest(manifest), metrics
+    )
+
+
+def latest_progress(ctx: RunContext) -> int | None:
+    """The warm-up step of the newest committed and recorded warm-up checkpoint, if any."""
+    run_id = warmup_progress_id(ctx.run_id)
+    steps = sorted(set(list_checkpoints(ctx.store, run_id)) & set(recorded_steps(ctx.db, run_id)))
+    return steps[-1] if steps else None
+
+
+def _resume(ctx: RunContext) -> _Resumed | None:
+    """The warm-up's state at its newest checkpoint (the stop ids travel in the saved
+    generation config), or None to start at step 1."""
+    step = latest_progress(ctx)
+    if step is None or step >= ctx.cfg.warmup.steps:
+        return None
+    cfg = ctx.cfg
+    loaded = load_train_state(
+        ctx.store, warmup_progress_id(ctx.run_id), step, cfg.model.dtype, ctx.db
+    )
+    opt = torch.optim.AdamW(loaded.model.parameters(), lr=cfg.warmup.lr, weight_decay=0.0)
+    if loaded.optimizer_state is not None:
+        opt.load_state_dict(loaded.optimizer_state)
+    if loaded.rng is not None:
+        set_rng_state(loaded.rng)
+    # the task log says it (a pod's log on a cluster; pipeline.log locally)
+    print(f"warm-up: resuming from its checkpoint at step {step} of {cfg.warmup.steps}", flush=True)
+    state = loaded.state
+    return loaded.model, loaded.tokenizer, opt, step, float(state["seconds"]), state["metrics"]
+
+
+def _drop_progress(ctx: RunContext) -> None:
+    run_id = warmup_progress_id(ctx.run_id)
+    ctx.store.delete_prefix(f"runs/{run_id}/")
+    ctx.db.delete_run(run_id)
 
 
 def _warmup_identity(data: dict[str, Any]) -> dict[str, Any]:
     """The config fields that determine checkpoint 0."""
-    warm = {k: v for k, v in data["warmup"].items() if k != "init_from"}
+    # where it came from and where it kept its progress are not what it is
+    warm = {k: v for k, v in data["warmup"].items() if k not in ("init_from", "checkpoint_every")}
     # where the model runs is not what it is: a CPU warm-up can seed a GPU run
     model = {k: v for k, v in data["model"].items() if k != "device"}
     return {

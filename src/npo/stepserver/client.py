@@ -46,7 +46,8 @@ class ProgressLogger:
     """A progress callback for pod logs: one compact stdout line per 1/`marks` of a phase.
 
     Prints the first event of a phase, then whenever `done` crosses the next 10% mark (the
-    final event included), so a 10,000-step phase logs about a dozen lines.
+    final event included), so a 10,000-step phase logs about a dozen lines; and every event
+    that carries a warning (npo.learning_signal.progress_notes), with the warning.
     """
 
     def __init__(self, stage: str = "", marks: int = 10, max_metrics: int = 8) -> None:
@@ -56,11 +57,16 @@ class ProgressLogger:
         self._last_bucket: dict[str, int] = {}
 
     def __call__(self, phase: str, done: int, total: int, metrics: Mapping[str, Any]) -> None:
+        from npo.learning_signal import progress_notes  # stdlib only, like this module
+
+        notes = progress_notes(phase, done, metrics)
         bucket = done * self._marks // total if total > 0 else done  # integers: no 0.3/0.1 < 3
-        if phase in self._last_bucket and bucket <= self._last_bucket[phase]:
+        if phase in self._last_bucket and bucket <= self._last_bucket[phase] and not notes:
             return
-        self._last_bucket[phase] = bucket
+        self._last_bucket[phase] = max(bucket, self._last_bucket.get(phase, bucket))
         print(self.format(phase, done, total, metrics), flush=True)
+        for note in notes:  # a run that learns nothing says so in its pod's log too
+            print(f"{self._prefix}warning: {note}", flush=True)
 
     def format(self, phase: str, done: int, total: int, metrics: Mapping[str, Any]) -> str:
         """The line printed for one event, e.g. `[train] grpo 40/100 (40%) reward/mean=0.51`."""

@@ -69,7 +69,7 @@ MAX_BACKOFF_S = 4.0
 MIGRATION_LOCK_ID = int.from_bytes(b"npo-migr", "big", signed=True)
 # The newest migration (tests check it is Alembic's head): a DB already there needs no
 # Alembic at all, which every pipeline task opening the run would otherwise pay for.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 # Rows per INSERT statement in multi-row writes: far below both backends' bind-parameter
 # limits (SQLite 32766, PostgreSQL 65535); all chunks of one call share one transaction.
 UPSERT_CHUNK_ROWS = 500
@@ -87,6 +87,7 @@ class RunStatus(enum.StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    INTERRUPTED = "interrupted"  # migration 0004: stopped by Ctrl-C or SIGTERM; resumable
 
 
 class InterventionKind(enum.StrEnum):
@@ -459,16 +460,36 @@ class MetadataDB:
         """
         if self.revision() == HEAD_REVISION:
             return
+        self._retry("migrate", lambda: self.alembic("upgrade", "head"))
+
+    def alembic(self, command_name: str, revision: str) -> None:
+        """`alembic <command_name> <revision>` (upgrade, downgrade) on this DB, in one
+        transaction under the migration lock.
+
+        On SQLite with foreign keys off for its duration: batch mode rebuilds a table by
+        dropping it, which with them on cascade-deletes every row referencing it, and SQLite
+        ignores the pragma inside a transaction. The keys are checked before the commit."""
         from alembic import command
 
-        def upgrade() -> None:
-            cfg = alembic_config()
-            with self.engine.begin() as conn:
-                self._lock_for_migration(conn)
-                cfg.attributes["connection"] = conn  # env.py migrates on this connection
-                command.upgrade(cfg, "head")
-
-        self._retry("migrate", upgrade)
+        cfg = alembic_config()
+        with self.engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()  # ends SQLAlchemy's autobegun (empty) transaction
+            try:
+                with conn.begin():
+                    self._lock_for_migration(conn)
+                    cfg.attributes["connection"] = conn  # env.py migrates on it
+                    getattr(command, command_name)(cfg, revision)
+                    if sqlite:
+                        broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                        if broken:
+                            raise RuntimeError(f"migration broke foreign keys: {broken}")
+            finally:
+                if sqlite:  # the pooled connection goes back as every other one is
+                    conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                    conn.commit()
 
     def revision(self) -> str | None:
         """The DB's Alembic revision (None: never migrated)."""
@@ -617,6 +638,16 @@ class MetadataDB:
                 return list(s.scalars(q.order_by(CheckpointRow.step)))
 
         return self._retry(f"checkpoints({run_id!r})", read)
+
+    def family_checkpoints(self, run_id: str) -> list[CheckpointRow]:
+        """Checkpoint rows of a run and of its branches and lineages (``<run_id>.<...>``),
+        oldest commit first."""
+        family = sa.or_(
+            CheckpointRow.run_id == run_id,
+            CheckpointRow.run_id.startswith(f"{run_id}.", autoescape=True),
+        )
+        q = sa.select(CheckpointRow).where(family).order_by(CheckpointRow.id)
+        return self._read(f"family_checkpoints({run_id!r})", q)
 
     # --- the run's metric history ---
 

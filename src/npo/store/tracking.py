@@ -429,6 +429,44 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(Path(root).resolve() / 'mlflow.db').as_posix()}"
 
 
+@contextlib.contextmanager
+def _client_of(cfg: TrackingConfig, root: Path) -> Iterator[Any]:
+    """An MlflowClient for the run's tracking URI (MLFLOW_TRACKING_URI first, as trackers)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or default_tracking_uri(root)
+    check_tracking_server(uri, PROBE_TIMEOUT)
+    from mlflow import MlflowClient
+
+    with _quiet_mlflow():
+        yield MlflowClient(tracking_uri=uri)
+
+
+def delete_tracked_run(cfg: TrackingConfig, root: Path, run_id: str) -> None:
+    """Delete MLflow run `run_id` (the old run of a --fresh restart), so that one run name
+    never shows two runs. MLflow moves it to its trash (`mlflow gc` purges it); a run
+    already gone is fine."""
+    if not cfg.enabled:
+        return
+    from mlflow.exceptions import MlflowException
+
+    with _client_of(cfg, root) as client:
+        try:
+            if client.get_run(run_id).info.lifecycle_stage != "deleted":
+                client.delete_run(run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+
+
+def end_tracked_run(cfg: TrackingConfig, root: Path, run_id: str, status: str) -> None:
+    """End MLflow run `run_id` with `status` (KILLED: interrupted; FAILED) from outside the
+    process that logged to it: what stopped that process may have left it RUNNING."""
+    if status not in _STATUSES:
+        raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
+    if cfg.enabled:
+        with _client_of(cfg, root) as client:
+            client.set_terminated(run_id, status=status)
+
+
 def make_tracker(
     cfg: TrackingConfig,
     root: Path,

@@ -17,11 +17,21 @@ loss has no other term (no KL, no entropy bonus) they are forwarded without auto
 their share of the metrics only, and never backpropagated. Under GRPO every row of a
 zero-variance group is such a row. The gradient, the optimizer step (a zero gradient is
 still a step for Adam's moments) and the metrics are those of the full backward.
+
+On several ranks (`npo.training.distributed`; the model wrapped by `wrap_model`) each rank
+holds an equal, contiguous share of the batch's rows. The minibatches are cut from one
+permutation of the global rows, the same on every rank; each rank forwards its own rows of
+a minibatch, and the aggregation divides by the minibatch's global denominator (summed over
+ranks) times the world size that DDP's gradient average divides out again: the gradient,
+the step and the metrics are those of one process holding the whole batch. Every rank runs
+exactly one gradient-syncing backward per minibatch (the others under `no_sync`; a rank
+whose rows are all idle backpropagates one idle part, whose gradient is exactly 0).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -30,6 +40,7 @@ from transformers import PreTrainedModel
 from npo.algo import agg_loss, entropy_from_logits, kl_penalty, policy_loss, token_logprobs
 from npo.config import AlgoConfig, LossAgg
 from npo.rollout import RolloutBatch
+from npo.training.distributed import Ranks
 from npo.training.forward import response_logits
 
 
@@ -115,6 +126,7 @@ def ppo_update(
     generator: torch.Generator | None = None,
     shaped_rows: Tensor | None = None,
     shaping_gamma: float = 0.1,
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
     """Optimise the clipped objective on `batch` with per-sequence `advantages` [B].
 
@@ -123,8 +135,11 @@ def ppo_update(
     the update's own forward pass, detached). shaped_rows [B] (LUFFY teacher rows) use the
     shaped objective f(w) = w/(w + shaping_gamma). Each minibatch is forwarded in chunks of
     `algo.micro_batch_size` rows with gradients accumulated (see the module docstring).
-    Returns metrics averaged over all updates.
+    Returns metrics averaged over all updates. `ranks`: this rank's share of a batch split
+    over several (`batch` holds rows rank*B .. rank*B+B-1 of the global batch; module
+    docstring); the model is then the DDP-wrapped policy.
     """
+    ranks = ranks or Ranks.single()
     was_training = model.training
     batch = batch.to(model.device)
     advantages = advantages.to(model.device)
@@ -183,38 +198,49 @@ def ppo_update(
             return None if shaped_rows is None else shaped_rows[rows]
 
         mask = batch.response_mask
-        # clamp_min(1): an empty minibatch's loss is 0, and so is each of its parts' weight
-        loss_total = agg_denominator(mask[idx], algo.loss_agg).clamp_min(1).item()
-        ratio_total = _ratio_tokens(mask[idx], shaped(idx)).clamp_min(1).item()
+        # The denominators of the whole (global) minibatch; clamp_min(1): an empty
+        # minibatch's loss is 0, and so is each of its parts' weight.
+        loss_total = ranks.sum(agg_denominator(mask[idx], algo.loss_agg)).clamp_min(1).item()
+        ratio_total = ranks.sum(_ratio_tokens(mask[idx], shaped(idx))).clamp_min(1).item()
         out: dict[str, float] = defaultdict(float)
         idle = idle_rows[idx]
         parts = [(part, True) for part in torch.split(idx[~idle], chunk or len(idx))]
         parts += [(part, False) for part in torch.split(idx[idle], chunk or len(idx))]
         parts = [(part, grad) for part, grad in parts if len(part)] or [(idx, True)]
-        for part, needs_grad in parts:
+        if ranks.active and not parts[0][1]:
+            parts[0] = (parts[0][0], True)  # DDP: every rank takes part in the all-reduce
+        last_grad = max(i for i, (_, grad) in enumerate(parts) if grad) if ranks.active else -1
+        for i, (part, needs_grad) in enumerate(parts):
             with torch.set_grad_enabled(needs_grad):
                 loss, metrics = loss_of(part)
             w_loss = agg_denominator(mask[part], algo.loss_agg).item() / loss_total
             w_ratio = _ratio_tokens(mask[part], shaped(part)).item() / ratio_total
             if needs_grad:
-                (loss * w_loss).backward()
+                # DDP averages the ranks' gradients: world * (share of the global sum)
+                syncing = not ranks.active or i == last_grad
+                with nullcontext() if syncing else model.no_sync():
+                    (loss * w_loss * ranks.world).backward()
             for k, v in metrics.items():
                 if k == _RATIO_MAX:
                     out[k] = max(out[k], v)  # ratios are > 0; 0 = no PPO token (as policy_loss)
                 else:
                     out[k] += v * (w_ratio if k in _RATIO_MEANS else w_loss)
-        return out
+        return ranks.sum_values(out, maxima=(_RATIO_MAX,))
 
     idle_rows = rows_without_gradient(advantages, algo)
     model.train()
     sums: dict[str, float] = defaultdict(float)
     updates = 0
-    size = len(batch) // algo.minibatches
+    rows = len(batch) * ranks.world  # the global batch; ours are rows offset .. offset+len-1
+    offset = ranks.rank * len(batch)
+    size = rows // algo.minibatches
     for _ in range(algo.ppo_epochs):
-        order = torch.randperm(len(batch), generator=generator).to(model.device)
-        for start in range(0, len(batch), size):
+        order = torch.randperm(rows, generator=generator).to(model.device)
+        for start in range(0, rows, size):
             optimizer.zero_grad(set_to_none=True)
-            metrics = backward_minibatch(order[start : start + size])
+            mb = order[start : start + size]
+            mine = mb[(mb >= offset) & (mb < offset + len(batch))] - offset
+            metrics = backward_minibatch(mine)
             if all(p.grad is None for p in model.parameters()):
                 # every row idle: a zero gradient, on which Adam still steps (its moments)
                 for p in model.parameters():
