@@ -34,7 +34,7 @@ test: install helm
 # The inner loop: everything but the tests marked slow (training runs, real servers,
 # killed and racing processes).
 test-fast: install helm
-	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench pipelines
