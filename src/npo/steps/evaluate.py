@@ -1,4 +1,4 @@
-"""Greedy pass@1 of a policy on held-out problems."""
+"""Greedy pass@1 of a policy on held-out problems, in one process or split over ranks."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from npo.config import ExperimentConfig, RolloutConfig
 from npo.rollout import sample
 from npo.tasks import Problem, Task
+from npo.training.distributed import Ranks
 
 
 def eval_settings(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -63,3 +64,25 @@ def evaluate_policy(
         "eval/response_length": float(lengths.mean()),
         "eval/no_answer_frac": reasons.get("not a number", 0) / len(problems),
     }
+
+
+def evaluate_on_ranks(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    problems: list[Problem],
+    ranks: Ranks,
+    **settings: Any,
+) -> dict[str, float]:
+    """evaluate_policy over `problems`, each rank decoding its contiguous share (greedy:
+    the same answers as one process): the means weighted by each share's size, eval/n the
+    total; every rank gets the result. `settings`: eval_settings(cfg). Under FSDP, call it
+    inside npo.training.distributed.full_weights (the shares differ in size)."""
+    if not ranks.active or len(problems) < ranks.world:
+        return evaluate_policy(model, tokenizer, task, problems, **settings)
+    mine = evaluate_policy(
+        model, tokenizer, task, problems[ranks.uneven_shard(len(problems))], **settings
+    )
+    n = mine["eval/n"]
+    total = ranks.sum_values({k: (v if k == "eval/n" else v * n) for k, v in mine.items()})
+    return {k: (v if k == "eval/n" else v / total["eval/n"]) for k, v in total.items()}

@@ -1,7 +1,7 @@
 """A stage on several ranks: the torchrun entry point, and the launch from the stage's task.
 
-A stage whose config asks for more than one rank (distributed.nproc_per_node or nodes > 1)
-re-runs itself: on one node `launch_local` starts
+A stage whose config asks for more than one rank (distributed.nproc_per_node or nodes > 1):
+train and prepare (the SFT warm-up) re-run themselves: on one node `launch_local` starts
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m npo.steps.ranks \
         --stage train --config-file CFG --params-file PARAMS
@@ -9,10 +9,11 @@ re-runs itself: on one node `launch_local` starts
 and waits; on several nodes a Kubeflow Trainer job runs the same module on every node
 (npo.pipelines.trainjob). Rank 0 runs the stage as any task does (`run_stage`: it opens the
 run, and writes its metrics, checkpoints and status); the other ranks open a context that
-writes nothing (no tracker) and run the same stage function, which splits the work
-(npo.steps.train_segment). The task that launched them then runs the stage once more in its
-own process, where the finished segment is read back from its last checkpoint's manifest
-(no weights are loaded): its result is the task's result, as on one rank.
+writes nothing (no tracker) and run the same stage function (for prepare, only the
+warm-up), which splits the work (npo.steps.train_segment, npo.steps.warmup). The task that
+launched them then runs the stage once more in its own process, where the finished segment
+(or checkpoint 0) is read back from the store and the metadata DB (no weights are loaded):
+its result is the task's result, as on one rank.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +122,16 @@ def reader_context(cfg: ExperimentConfig) -> RunContext:
     )
 
 
+def rank_function(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What a rank other than 0 runs for `stage`: the stage's function, but for the warm-up
+    only its training (the prepare stage also records the run's start)."""
+    if stage == "prepare":
+        from npo.steps.warmup import warmup
+
+        return warmup
+    return fn
+
+
 def run_rank(stage: str, config: str, params: dict[str, Any]) -> None:
     """What each rank runs: join the process group, run the stage (rank 0 as a task would,
     the others read-only), leave."""
@@ -135,7 +147,7 @@ def run_rank(stage: str, config: str, params: dict[str, Any]) -> None:
             use_compute(cfg)
             ctx = reader_context(cfg)
             try:
-                STAGES[stage].fn(ctx, **params)
+                rank_function(stage, STAGES[stage].fn)(ctx, **params)
             finally:
                 ctx.db.close()
     finally:

@@ -17,8 +17,9 @@ Under torchrun (distributed.nproc_per_node / nodes > 1; `npo.steps.ranks` starts
 rank runs this function: each samples and trains its share of the step's prompt groups
 (npo.training.distributed), the sampling of a prompt is seeded by its place in the step so
 the ranks draw what one process would, evaluation prompts are split too, and only rank 0
-writes metrics, checkpoints (the same format whatever the rank count: the model is
-replicated) and progress. Sources with state of their own (ExGRPO's pool) are refused.
+writes metrics, checkpoints (the same format whatever the rank count: a DDP replica, or
+the FSDP shards gathered to rank 0) and progress. Sources with state of their own
+(ExGRPO's pool) are refused.
 """
 
 from __future__ import annotations
@@ -43,10 +44,17 @@ from npo.learning_signal import (
 from npo.policy import stop_token_ids
 from npo.rollout import RolloutBatch, rollout
 from npo.steps.context import RunContext
-from npo.steps.evaluate import eval_settings, evaluate_policy
+from npo.steps.evaluate import eval_settings, evaluate_on_ranks
 from npo.store.checkpoint import list_checkpoints, read_manifest, recorded_steps
 from npo.tasks import Problem, Task
-from npo.training.distributed import Ranks, current, wrap_model
+from npo.training.distributed import (
+    Ranks,
+    current,
+    full_weights,
+    load_optimizer,
+    to_save,
+    wrap_model,
+)
 from npo.training.history import record_checkpoint, record_metrics, truncate_history
 from npo.training.rl_step import ppo_update, sequence_logprobs
 from npo.training.seeding import batch_indices, derive_seed, seed_everything, set_rng_state
@@ -201,21 +209,6 @@ def sampling_seeds(seed: int, global_step: int, positions: range) -> list[int]:
     return [derive_seed(base, i, stream=3) for i in positions]
 
 
-def sharded_eval(
-    model: PreTrainedModel, tokenizer: Any, ctx: RunContext, evals: list[Problem], ranks: Ranks
-) -> dict[str, float]:
-    """evaluate_policy over `evals`, each rank decoding its share: the means weighted by
-    each share's size, eval/n the total (all ranks get the result)."""
-    if not ranks.active or len(evals) < ranks.world:
-        return evaluate_policy(model, tokenizer, ctx.task, evals, **eval_settings(ctx.cfg))
-    mine = evaluate_policy(
-        model, tokenizer, ctx.task, evals[ranks.uneven_shard(len(evals))], **eval_settings(ctx.cfg)
-    )
-    n = mine["eval/n"]
-    total = ranks.sum_values({k: (v if k == "eval/n" else v * n) for k, v in mine.items()})
-    return {k: (v if k == "eval/n" else v / total["eval/n"]) for k, v in total.items()}
-
-
 def train_segment(
     ctx: RunContext,
     start_step: int,
@@ -239,10 +232,11 @@ def train_segment(
     ranks = current()
     loaded = load_train_state(ctx.store, ctx.run_id, step, cfg.model.dtype, db=ctx.db)
     model, tokenizer = loaded.model, loaded.tokenizer
-    replica = wrap_model(model, ranks)  # what the update differentiates (DDP on N ranks)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr, weight_decay=algo.weight_decay)
+    # what the update differentiates: DDP's wrapper, or the model itself sharded by FSDP
+    replica = wrap_model(model, ranks, cfg.distributed.strategy)
+    optimizer = torch.optim.AdamW(replica.parameters(), lr=algo.lr, weight_decay=algo.weight_decay)
     if loaded.optimizer_state is not None:
-        optimizer.load_state_dict(loaded.optimizer_state)
+        load_optimizer(replica, optimizer, loaded.optimizer_state)
     if loaded.rng is not None:
         set_rng_state(loaded.rng)
     ref_model = None
@@ -290,7 +284,10 @@ def train_segment(
         share = ranks.shard(len(problems))  # whole groups: advantages stay on one rank
         problems = problems[share]
         seeds = sampling_seeds(cfg.seed, state["global_step"] + 1, range(len(idx))[share])
-        batch, rewards, on_policy = scored_rollout(cfg, model, tokenizer, ctx.task, problems, seeds)
+        with full_weights(replica):  # FSDP: ranks stop sampling at different lengths
+            batch, rewards, on_policy = scored_rollout(
+                cfg, model, tokenizer, ctx.task, problems, seeds
+            )
         t_rollout = time.perf_counter() - t0
         sampled_tokens = batch.num_response_tokens
         if cfg.method == "autonpo":
@@ -299,9 +296,10 @@ def train_segment(
         old, shaped, extra = None, None, {}
         if slot_source is not None:
             sampled, sampled_rewards = batch, rewards
-            batch, rewards, old, guide_rows, extra = _mix_in(
-                ctx, model, batch, rewards, problems, slot_source, tokenizer.pad_token_id
-            )
+            with full_weights(replica):
+                batch, rewards, old, guide_rows, extra = _mix_in(
+                    ctx, model, batch, rewards, problems, slot_source, tokenizer.pad_token_id
+                )
             # after its pick: no self-replay
             slot_source.observe(problems, sampled, sampled_rewards)
             shaped = guide_rows if slot_source.shaped else None
@@ -337,12 +335,18 @@ def train_segment(
         # a check may end the segment: evaluate there too, as at every segment's end
         checked = watch is not None and step % watch.every == 0 and step < end_step
         if step % cfg.train.eval_every == 0 or step == end_step or checked:
-            metrics |= sharded_eval(model, tokenizer, ctx, evals, ranks)
+            with full_weights(replica):  # FSDP: uneven shares, no collective inside
+                metrics |= evaluate_on_ranks(
+                    model, tokenizer, ctx.task, evals, ranks, **eval_settings(cfg)
+                )
         if ranks.main:
             record_metrics(ctx, metrics, state["global_step"], step)
         trigger = None
         if checked:  # rank 0 decides; every rank stops with it
-            trigger = watch(model, tokenizer, step, state["global_step"]) if ranks.main else None
+            with full_weights(replica):  # FSDP: rank 0's forwards alone, no collective
+                trigger = (
+                    watch(model, tokenizer, step, state["global_step"]) if ranks.main else None
+                )
             trigger = ranks.broadcast_object(trigger)
         saving = step % cfg.train.checkpoint_every == 0 or step == end_step or checked
         if saving:
@@ -350,14 +354,16 @@ def train_segment(
             state["data_cursor"] = step * ro.prompts_per_step
             if trigger is not None:
                 state["trigger"] = trigger
-        if saving and ranks.main:
+        # FSDP gathers the shards to rank 0 (every rank takes part), DDP has them there
+        weights, moments = to_save(replica, optimizer, ranks) if saving else (None, None)
+        if saving and weights is not None:
             manifest = save_train_state(
                 ctx.store,
                 ctx.run_id,
                 step,
-                model,
+                weights,
                 tokenizer,
-                optimizer,
+                moments,
                 state,
                 extra=slot_source.state_files() if slot_source is not None else None,
             )

@@ -25,7 +25,9 @@ a minibatch, and the aggregation divides by the minibatch's global denominator (
 ranks) times the world size that DDP's gradient average divides out again: the gradient,
 the step and the metrics are those of one process holding the whole batch. Every rank runs
 exactly one gradient-syncing backward per minibatch (the others under `no_sync`; a rank
-whose rows are all idle backpropagates one idle part, whose gradient is exactly 0).
+whose rows are all idle backpropagates one idle part, whose gradient is exactly 0). An
+FSDP-sharded model runs each minibatch inside `full_weights`, its parts' forwards needing
+no collective, and steps on its shards.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from transformers import PreTrainedModel
 from npo.algo import agg_loss, entropy_from_logits, kl_penalty, policy_loss, token_logprobs
 from npo.config import AlgoConfig, LossAgg
 from npo.rollout import RolloutBatch
-from npo.training.distributed import Ranks
+from npo.training.distributed import Ranks, clip_grad_norm, full_weights, no_sync
 from npo.training.forward import response_logits
 
 
@@ -137,7 +139,7 @@ def ppo_update(
     `algo.micro_batch_size` rows with gradients accumulated (see the module docstring).
     Returns metrics averaged over all updates. `ranks`: this rank's share of a batch split
     over several (`batch` holds rows rank*B .. rank*B+B-1 of the global batch; module
-    docstring); the model is then the DDP-wrapped policy.
+    docstring); the model is then the DDP-wrapped or FSDP-sharded policy.
     """
     ranks = ranks or Ranks.single()
     was_training = model.training
@@ -150,7 +152,8 @@ def ppo_update(
     # detached log-probs are the old ones (ratio 1), so no extra forward pass is needed.
     one_update = algo.ppo_epochs == 1 and algo.minibatches == 1
     if old_logprobs is None and not one_update:
-        old_logprobs = sequence_logprobs(model, batch, temperature, chunk)
+        with full_weights(model):
+            old_logprobs = sequence_logprobs(model, batch, temperature, chunk)
     if old_logprobs is not None:
         old_logprobs = old_logprobs.to(model.device)
     ref_logprobs = None
@@ -211,14 +214,14 @@ def ppo_update(
             parts[0] = (parts[0][0], True)  # DDP: every rank takes part in the all-reduce
         last_grad = max(i for i, (_, grad) in enumerate(parts) if grad) if ranks.active else -1
         for i, (part, needs_grad) in enumerate(parts):
-            with torch.set_grad_enabled(needs_grad):
-                loss, metrics = loss_of(part)
             w_loss = agg_denominator(mask[part], algo.loss_agg).item() / loss_total
             w_ratio = _ratio_tokens(mask[part], shaped(part)).item() / ratio_total
-            if needs_grad:
-                # DDP averages the ranks' gradients: world * (share of the global sum)
-                syncing = not ranks.active or i == last_grad
-                with nullcontext() if syncing else model.no_sync():
+            # the forward too: DDP decides in its forward whether the backward all-reduces
+            syncing = not needs_grad or not ranks.active or i == last_grad
+            with torch.set_grad_enabled(needs_grad), nullcontext() if syncing else no_sync(model):
+                loss, metrics = loss_of(part)
+                if needs_grad:
+                    # the ranks' gradients are averaged: world * (share of the global sum)
                     (loss * w_loss * ranks.world).backward()
             for k, v in metrics.items():
                 if k == _RATIO_MAX:
@@ -240,15 +243,16 @@ def ppo_update(
             optimizer.zero_grad(set_to_none=True)
             mb = order[start : start + size]
             mine = mb[(mb >= offset) & (mb < offset + len(batch))] - offset
-            metrics = backward_minibatch(mine)
+            with full_weights(model):
+                metrics = backward_minibatch(mine)
             if all(p.grad is None for p in model.parameters()):
                 # every row idle: a zero gradient, on which Adam still steps (its moments)
                 for p in model.parameters():
                     if p.requires_grad:
                         p.grad = torch.zeros_like(p)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), algo.max_grad_norm)
+            grad_norm = clip_grad_norm(model, algo.max_grad_norm)
             optimizer.step()
-            metrics["actor/grad_norm"] = grad_norm.item()
+            metrics["actor/grad_norm"] = grad_norm
             for k, v in metrics.items():
                 sums[k] += v
             updates += 1

@@ -4,14 +4,21 @@ RLVR needs a policy at the edge of competence: at 0% every group is all-wrong an
 no signal, at 90% there is little left to learn. A short supervised phase on gold targets
 puts the tiny toy model in between before RL starts. Forward passes run in the run's compute
 dtype (npo.training.forward); `algo.micro_batch_size` bounds the rows per forward.
+
+On several ranks (npo.training.distributed) each rank takes a share of the step's problems
+and the loss divides by the whole batch's token count: the gradient the ranks average is
+the one-process gradient, as in the RL update.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from npo.tasks import Problem
+from npo.training.distributed import Ranks, clip_grad_norm, full_weights, no_sync
 from npo.training.forward import response_logits
 
 
@@ -52,28 +59,36 @@ def sft_step(
     problems: list[Problem],
     max_grad_norm: float = 1.0,
     micro_batch_size: int | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
     """One cross-entropy step on the gold responses of `problems`; returns metrics.
 
     The token-mean loss is accumulated over chunks of `micro_batch_size` problems (None = all
     at once), each chunk's token sum divided by the whole batch's token count: the gradient
-    is the whole batch's.
+    is the whole batch's. `ranks`: `problems` is this rank's share (at least one problem)
+    of a batch split over them, the model DDP-wrapped or FSDP-sharded; the token count is
+    summed over the ranks, the loss scaled by the world size that their gradient average
+    divides out, and only the last chunk's backward syncs. The metrics are the batch's.
     """
+    ranks = ranks or Ranks.single()
     batch = {k: v.to(model.device) for k, v in encode_targets(tokenizer, problems).items()}
     model.train()
-    tokens = batch["response_mask"].float().sum()
+    tokens = ranks.sum(batch["response_mask"].float().sum())
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for rows in torch.arange(len(problems)).split(micro_batch_size or len(problems)):
-        part = {k: v[rows.to(v.device)] for k, v in batch.items()}
-        logits = response_logits(model, **part)
-        mask = part["response_mask"].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), part["response_ids"], reduction="none"
-        )
-        loss = (nll * mask).sum() / tokens
-        loss.backward()
-        total += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    parts = torch.arange(len(problems)).split(micro_batch_size or len(problems))
+    with full_weights(model):  # FSDP: ranks may hold different numbers of chunks
+        for i, rows in enumerate(parts):
+            part = {k: v[rows.to(v.device)] for k, v in batch.items()}
+            with nullcontext() if i == len(parts) - 1 else no_sync(model):
+                logits = response_logits(model, **part)
+                mask = part["response_mask"].float()
+                nll = torch.nn.functional.cross_entropy(
+                    logits.float().transpose(1, 2), part["response_ids"], reduction="none"
+                )
+                loss = (nll * mask).sum() / tokens
+                (loss * ranks.world if ranks.active else loss).backward()
+            total += loss.item()
+    grad_norm = clip_grad_norm(model, max_grad_norm)
     optimizer.step()
-    return {"sft/loss": total, "sft/grad_norm": grad_norm.item()}
+    return {"sft/loss": ranks.sum_values({"loss": total})["loss"], "sft/grad_norm": grad_norm}

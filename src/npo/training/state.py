@@ -65,17 +65,20 @@ def save_train_state(
     step: int,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None,
     state: dict[str, Any],
     extra: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
-    """Write a complete checkpoint for `step`; returns its manifest. `extra` files (e.g. an
-    experience pool) go under extra/ and are covered by the manifest like the weights."""
+    """Write a complete checkpoint for `step`; returns its manifest. `optimizer`: the
+    optimizer or its state_dict() (sharded training gathers one: npo.training.distributed).
+    `extra` files (e.g. an experience pool) go under extra/ and are covered by the manifest
+    like the weights."""
     with tempfile.TemporaryDirectory(prefix="npo-ckpt-") as tmp:
         root = Path(tmp)
         save_policy(model, tokenizer, root / "policy")
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), root / "optimizer.pt")
+            moments = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+            torch.save(moments, root / "optimizer.pt")
         torch.save(rng_state(), root / "rng.pt")
         (root / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         for name, data in (extra or {}).items():
