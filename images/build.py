@@ -6,7 +6,9 @@
    in the build context by .dockerignore): `ca.pem`, the CA bundle the host's pip trusts
    (its `cert` setting, PIP_CERT, SSL_CERT_FILE, else pip's own certifi bundle), and for the
    CPU flavor `wheels/torch-<lock's version>+cpu-...whl`, fetched by `pip download` where
-   pip's configuration points, else from TORCH_INDEX_URL (PyTorch's CPU index).
+   pip's configuration points, else from TORCH_INDEX_URL (PyTorch's CPU index), and
+   `runtime.in`, what the CPU image installs for npo[cluster] (`runtime_requirements`: the
+   pod's side only, so mlflow's client distribution); requirements.lock pins its versions.
 2. Chooses the base: `--base IMAGE` as given; `--base auto` the Dockerfile's default if the
    engine has it or can pull it, else the Debian-built base of images/base-image.sh (made
    once, `make base-image`); no `--base`: the Dockerfile's default.
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +40,13 @@ INPUTS = REPO / "build" / "image-inputs"
 LABEL = "org.npo.inputs"
 TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"
 DEBIAN_BASE = "npo-base:bookworm-python3.11"
+# A pipeline pod only talks to an MLflow server: mlflow-skinny, the same `mlflow` module
+# without the server's dependencies (Flask, gunicorn, pandas, scipy, scikit-learn: 250 MB
+# of the CPU image). The lock pins it, at mlflow's version, as mlflow's own dependency.
+CLIENT_ONLY = {"mlflow": "mlflow-skinny"}
+# Imported by npo itself (npo.guidance.cache reads and writes parquet) but declared by no
+# dependency of npo[cluster] other than the mlflow server.
+RUNTIME_EXTRA = ["pyarrow"]
 # What the Dockerfiles COPY from the context, besides build/image-inputs/.
 HASHED = ["requirements.lock", "images/requirements-cuda.lock", "pyproject.toml", "README.md",
           ".dockerignore", "src", "configs"]  # fmt: skip
@@ -101,6 +111,40 @@ def torch_wheel(folder: Path, index_url: str) -> Path:
     raise SystemExit(f"cannot fetch {spec}: {result.stderr.strip()[-2000:]}")
 
 
+def lock_pins() -> dict[str, str]:
+    """name -> version of requirements.lock, names normalised as pip does."""
+    lock = (REPO / "requirements.lock").read_text()
+    return {normalise(n): v for n, v in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", lock, re.M)}
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def runtime_requirements() -> list[str]:
+    """What the CPU image installs besides torch: npo's dependencies and its cluster extra
+    (pyproject.toml), mlflow as its client (CLIENT_ONLY), plus RUNTIME_EXTRA. Each must be
+    in requirements.lock, which the image installs as constraints: the versions the tests
+    ran with, and no pin to keep in step by hand."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["cluster"]]
+    pins = lock_pins()
+    out = []
+    for text in [*wanted, *RUNTIME_EXTRA]:
+        name = normalise(re.match(r"[A-Za-z0-9._-]+", text).group())
+        if name == "torch":  # the CPU wheel, installed by its own pin (Dockerfile.cpu)
+            continue
+        if name in CLIENT_ONLY:
+            client = CLIENT_ONLY[name]
+            if pins.get(client) != pins.get(name):
+                raise SystemExit(f"requirements.lock: {client} is not at {name}'s version")
+            text = client
+        elif name not in pins:
+            raise SystemExit(f"requirements.lock pins no {name}: `make lock`")
+        out.append(text)
+    return out
+
+
 def prepare_inputs(flavor: str, index_url: str) -> None:
     wheels = INPUTS / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -109,6 +153,7 @@ def prepare_inputs(flavor: str, index_url: str) -> None:
     log(f"CA bundle: {bundle}")
     if flavor == "cpu":
         log(f"torch wheel: {torch_wheel(wheels, index_url).name}")
+        (INPUTS / "runtime.in").write_text("\n".join(runtime_requirements()) + "\n")
 
 
 # --------------------------------------------------------------------------- base image

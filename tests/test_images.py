@@ -110,12 +110,17 @@ def pip_installs(path: Path) -> list[list[str]]:
     return found
 
 
-def _load_lock_cuda():
-    """images/lock_cuda.py (a script, not a package): its RELAXED pins and its lock reader."""
-    spec = importlib.util.spec_from_file_location("lock_cuda", IMAGES / "lock_cuda.py")
+def _load_script(name: str):
+    """images/<name>.py (a script, not a package), as a module."""
+    spec = importlib.util.spec_from_file_location(name, IMAGES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_lock_cuda():
+    """images/lock_cuda.py: its RELAXED pins and its lock reader."""
+    return _load_script("lock_cuda")
 
 
 lock_cuda = _load_lock_cuda()
@@ -373,6 +378,23 @@ def test_lock_covers_the_runtime_closure_of_npo_cluster():
                 seen.add(key)
                 todo.append((req.name, frozenset(req.extras)))
     assert {"torch", "kfp", "transformers"} <= seen
+
+
+def test_cpu_image_installs_the_pods_side_of_npo_cluster_at_the_locks_versions():
+    """images/build.py writes the CPU image's runtime.in from pyproject.toml: every runtime
+    dependency of npo[cluster] but torch (installed by its CPU pin), mlflow as its client
+    mlflow-skinny at mlflow's locked version, and pyarrow, which npo imports itself; each
+    one pinned by requirements.lock, the constraints of that install."""
+    build = _load_script("build")
+    pins = read_pins(REPO / "requirements.lock")
+    names = {canonicalize_name(Requirement(r).name) for r in build.runtime_requirements()}
+    assert names <= pins.keys()
+    assert pins["mlflow-skinny"] == pins["mlflow"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *project["optional-dependencies"]["cluster"]]
+    declared_names = {canonicalize_name(Requirement(r).name) for r in declared}
+    assert names == declared_names - {"torch", "mlflow"} | {"mlflow-skinny", "pyarrow"}
+    assert any("/tmp/inputs/runtime.in" in words for words in pip_installs(DOCKERFILES["cpu"]))
 
 
 # --------------------------------------------------------------------------- Makefile

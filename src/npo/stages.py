@@ -593,14 +593,15 @@ def run_stage(name: str, config: str, progress: ProgressFn | None = None, **para
     stage marks the run failed so a dead pipeline is visible, and a retry reopens it."""
     if name not in STAGES or not STAGES[name].opens_run:
         raise ValueError(f"unknown stage {name!r}; one of {sorted(STAGES)}")
-    from transformers.utils import logging as hf_logging
-
     cfg = config_from_json(config)
-    use_compute(cfg)
-    # No tqdm bars from transformers in task logs (and none of the multiprocessing lock
-    # tqdm creates per process, which the long-lived step-server worker would keep).
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    if STAGES[name].runs_model:  # a light stage's pod imports neither torch nor transformers
+        from transformers.utils import logging as hf_logging
+
+        use_compute(cfg)
+        # No tqdm bars from transformers in task logs (and none of the multiprocessing lock
+        # tqdm creates per process, which the long-lived step-server worker would keep).
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     ctx = open_run(cfg, progress=progress, lazy_tracking=True)
     try:
         ctx.db.set_run_status(ctx.run_id, "running")

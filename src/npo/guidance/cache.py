@@ -15,14 +15,17 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from npo.rollout import RolloutBatch
 from npo.store.artifacts import ArtifactStore
+
+if TYPE_CHECKING:  # annotations only: the verify stage reads caches without torch
+    import torch
+
+    from npo.rollout import RolloutBatch
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ def first_correct_rows(rewards: torch.Tensor) -> list[int | None]:
     """rewards [N, n] of n samples per prompt -> per prompt the batch row (i*n + j) of its
     first correct sample, None when all n fail.
 
+    >>> import torch
     >>> first_correct_rows(torch.tensor([[0., 1., 1.], [0., 0., 0.]]))
     [1, None]
     """
