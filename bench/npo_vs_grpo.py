@@ -10,8 +10,9 @@ through `warmup.init_from`), with the same data order and sampling seeds:
   autonpo         adaptive: plateau trigger, Δ* = argmax Q̂/V̂, rollback + guided replay
   delta0          control: npo-early-late's schedule, guide = the current checkpoint itself
                   (same k tries): separates "near future" from "best of k sampling"
-  luffy, rlep     (optional) the paper's baselines: a gold-solution teacher in every group
-                  (LUFFY-style shaping); replay from the finished GRPO run (RLEP-style)
+  luffy, exgrpo,  (optional) the paper's baselines: the task's teacher in every group
+  rlep            (LUFFY-style shaping); the run's own past successes (ExGRPO); replay
+                  from the finished GRPO run (RLEP-style)
 
 The warm-up stops at the toy's default target (40%, `--warmup-target`): below ~20% GRPO
 with the toy's learning rate does not move in 150 steps (and neither does a guide trained
@@ -20,6 +21,10 @@ like it), so there is nothing for a near future to show. Compute counts every up
 `--grpo-extra` steps past the budget (its row reports it at the budget) so that every method
 can be set against GRPO at the method's own total compute ("GRPO at equal compute").
 The threshold is the seed's warm-up accuracy + 10 points (`--gain`), or fixed (`--threshold`).
+Intervals are 95% Student-t intervals over seeds; "− GRPO" and "− Δ0" are paired by seed
+(same warm-up, data order and sampling seeds), so they cancel what seeds share. Sampled
+tokens count the run's rollouts (replays included), its look-ahead branches' (estimated at
+the run's own tokens per update) and the guidance caches'.
 A restarted bench reuses the runs it finished (`bench-run.json` in each run folder).
 
 Run:
@@ -61,6 +66,7 @@ METHODS: dict[str, list[str]] = {
     ],
     # the paper's comparison sources (not in the default set: add with --methods)
     "luffy": ["method=luffy"],
+    "exgrpo": ["method=exgrpo"],
     "rlep": ["method=rlep"],  # replays the same seed's finished GRPO run
 }
 DEFAULT = ["grpo", "npo-early", "npo-early-late", "npo-rolling", "autonpo", "delta0"]
@@ -137,6 +143,8 @@ def measure(cfg: ExperimentConfig, goal: Goal, cut: int | None = None) -> dict[s
     threshold = goal.threshold(summary["warm-up accuracy"])
     reached = steps_to_threshold(rows, threshold)
     updates = max(r["step"] for r in rows)
+    per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    rollout_tokens = sum(r.get("response/length_mean", 0.0) * per_step for r in rows)
     ahead_before = sum(d for at, d in lookahead if reached is not None and at < reached)
     return {
         "history": rows,
@@ -155,8 +163,39 @@ def measure(cfg: ExperimentConfig, goal: Goal, cut: int | None = None) -> dict[s
         "guide_gap": _mean([h["stats"]["accuracy_gap"] for h in headers] or [None]),
         "q_hat": _mean([h["stats"]["q_hat"] for h in headers] or [None]),
         "total_compute": updates + sum(d for _, d in lookahead),
+        "sampled_tokens": rollout_tokens * (1 + sum(d for _, d in lookahead) / max(updates, 1))
+        + sum(h["stats"]["sampled_tokens"] for h in headers),
         "wall_s": wall,
     }
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% Student-t interval); half-width nan below 2 values."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, float(half)
+
+
+def _ci(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    if not values:
+        return "-"
+    mean, half = interval([scale * v for v in values])
+    return f"{mean:.{digits}f}" + ("" if half != half else f" ± {half:.{digits}f}")
+
+
+def paired(
+    by_seed: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]], key: str
+) -> list[float]:
+    """Per seed where both have `key`: this method's value minus `other`'s."""
+    return [
+        r[key] - other[s][key]
+        for s, r in by_seed.items()
+        if s in other and r[key] is not None and other[s][key] is not None
+    ]
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -165,13 +204,16 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def table(results: dict[str, dict[int, dict[str, Any]]], goal: Goal) -> str:
-    grpo = results.get("grpo", {})
+    grpo, delta0 = results.get("grpo", {}), results.get("delta0", {})
     lines = [
-        f"| method | start acc | final acc | GRPO at equal compute | steps to {goal} "
-        "| GRPO/method (steps) | GRPO/method (compute) | updates + look-ahead "
-        "| guide − current (pts) | guide Q̂ | guidance tokens | wall (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | final acc (95% CI) | final − GRPO (paired) | GRPO at equal compute "
+        f"| steps to {goal} | − Δ0 (paired) | GRPO/method (steps) | GRPO/method (compute) "
+        "| updates + look-ahead | sampled tokens | guide − current (pts) | guide Q̂ | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if grpo:  # the paper's "base" row: the warm-up every method starts from
+        starts = [r["start"] for r in grpo.values()]
+        lines.append(f"| base (warm-up) | {_ci(starts)} |" + " - |" * 11)
     for method, by_seed in results.items():
         seeds = sorted(by_seed)
         rows = [by_seed[s] for s in seeds]
@@ -190,17 +232,21 @@ def table(results: dict[str, dict[int, dict[str, Any]]], goal: Goal) -> str:
                 for s, r in zip(seeds, rows, strict=True)
             ]
         )
+        vs_grpo = paired(by_seed, grpo, "final") if method != "grpo" else []
+        vs_delta0 = (
+            paired(by_seed, delta0, "steps_to_threshold") if method.startswith("npo") else []
+        )
         gap, q_hat = _mean([r["guide_gap"] for r in rows]), _mean([r["q_hat"] for r in rows])
         lines.append(
-            f"| {method} | {statistics.fmean(r['start'] for r in rows):.3f} "
-            f"| {statistics.fmean(r['final'] for r in rows):.3f} "
-            f"± {statistics.pstdev(r['final'] for r in rows):.3f} "
+            f"| {method} | {_ci([r['final'] for r in rows])} "
+            f"| {_ci(vs_grpo, 100, 1) + ' pts' if vs_grpo else '-'} "
             f"| {'-' if par is None else f'{par:.3f}'} "
-            f"| {f'{steps:.1f}' if steps else f'{reached}/{len(rows)} reached'} | {ratio} "
+            f"| {f'{steps:.1f}' if steps else f'{reached}/{len(rows)} reached'} "
+            f"| {_ci(vs_delta0, 1, 1) if vs_delta0 else '-'} | {ratio} "
             f"| {c_ratio} | {statistics.fmean(r['total_compute'] for r in rows):.0f} "
+            f"| {statistics.fmean(r['sampled_tokens'] for r in rows):.0f} "
             f"| {'-' if gap is None else f'{100 * gap:+.1f}'} "
             f"| {'-' if q_hat is None else f'{q_hat:.2f}'} "
-            f"| {statistics.fmean(r['guidance_tokens'] for r in rows):.0f} "
             f"| {statistics.fmean(r['wall_s'] for r in rows):.0f} |"
         )
     return "\n".join(lines)

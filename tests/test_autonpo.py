@@ -127,12 +127,24 @@ def test_choose_rollback_interior_optimum():
 
 
 def test_choose_rollback_floor_for_zero_variance():
-    # V(1) = 0 -> S = .2 / 1e-3 = 200 beats S(2) = .5 / 1 ; table keeps the measured v
+    # V(1) = 0 -> S = .2 / 1e-6 beats S(2) = .5 / 1 ; the table keeps the measured v
     got = choose_rollback([1, 2], {1: 0.2, 2: 0.5}, {1: 0.0, 2: 1.0})
     assert got.delta == 1
-    assert got.table[0]["v"] == 0.0 and got.table[0]["s"] == pytest.approx(200.0)
+    assert got.table[0]["v"] == 0.0 and got.table[0]["s"] == pytest.approx(2e5)
+    assert [row["reason"] for row in got.table] == ["chosen (floored)", "ok"]
     # a larger floor flips it: .2 / .5 = .4 < .5
     assert choose_rollback([1, 2], {1: 0.2, 2: 0.5}, {1: 0.0, 2: 1.0}, v_floor=0.5).delta == 2
+
+
+def test_the_default_floor_leaves_small_measured_variances_to_pick():
+    """Checkpoints a few steps apart at a small learning rate differ by V̂ ~ 1e-4: S must
+    weigh them (Δ = 10: .3 / 2e-4 = 1500 beats .5 / 5e-4 and .6 / 9e-4), where the old
+    floor of 1e-3 made every S = Q̂ / 1e-3 and so picked the largest Q̂ (Δ = 40)."""
+    q, v = {10: 0.3, 20: 0.5, 40: 0.6}, {10: 2e-4, 20: 5e-4, 40: 9e-4}
+    got = choose_rollback([10, 20, 40], q, v)
+    assert got.delta == 10
+    assert [row["reason"] for row in got.table] == ["chosen", "ok", "ok"]
+    assert choose_rollback([10, 20, 40], q, v, v_floor=1e-3).delta == 40
 
 
 def test_choose_rollback_tie_prefers_nearer_checkpoint():

@@ -474,7 +474,12 @@ class AutoNPOConfig(_Strict):
     candidates: list[int] = Field(
         default_factory=lambda: [10, 20, 40], description="Rollback distances Δ to score."
     )
-    v_floor: float = Field(1e-3, gt=0, description="Floor of the variance proxy V̂(Δ).")
+    v_floor: float = Field(
+        1e-6,
+        gt=0,
+        description="Floor of the variance proxy V̂(Δ), only to keep S = Q̂/V̂ finite; "
+        "it must stay well below the V̂ of checkpoints apart, or it ranks Δ by Q̂ alone.",
+    )
     cooldown: int = Field(
         30, ge=0, description="Updates (global steps) after an intervention before another."
     )

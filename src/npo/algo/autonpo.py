@@ -126,21 +126,25 @@ class RollbackChoice:
     """Δ*: roll back to checkpoint t - Δ*."""
     table: list[dict[str, float | str]]
     """One row per candidate, by Δ ascending: delta, q, v (as measured), s (= q / max(v,
-    floor)), reason ("chosen", "ok", or "no data" with q, v, s = nan)."""
+    floor)), reason ("chosen", "ok", "floored": V̂ under the floor, or "no data" with q, v,
+    s = nan)."""
 
 
 def choose_rollback(
     candidates: Sequence[int],
     q_hat: Mapping[int, float],
     v_hat: Mapping[int, float],
-    v_floor: float = 1e-3,
+    v_floor: float = 1e-6,
 ) -> RollbackChoice:
     """Δ* = argmax over candidates of S(Δ) = Q̂(Δ) / max(V̂(Δ), v_floor).
 
     candidates: rollback distances Δ >= 1 (duplicates count once). q_hat, v_hat: Δ -> value,
     e.g. from `q_hat_from_pool` and `mean_token_kl`. A candidate missing from either (or with
-    a nan value) is skipped and listed with reason "no data". The floor keeps S finite when
-    checkpoint t - Δ is (numerically) the current policy. Ties go to the smaller Δ: the
+    a nan value) is skipped and listed with reason "no data". The floor only keeps S finite
+    when checkpoint t - Δ is (numerically) the current policy: it is far below the V̂ of
+    checkpoints that trained apart (0.1 on the toy), because a floor above them would rank
+    every floored candidate by Q̂ alone; a floored row says so ("floored"), and a "chosen"
+    row that was floored is listed as "chosen (floored)". Ties go to the smaller Δ: the
     nearer checkpoint is cheaper to replay and closer to the current policy.
     Raises ValueError when no candidate has data.
     """
@@ -158,7 +162,9 @@ def choose_rollback(
             table.append({"delta": d, "q": nan, "v": nan, "s": nan, "reason": "no data"})
             continue
         s = q / max(v, v_floor)
-        table.append({"delta": d, "q": q, "v": v, "s": s, "reason": "ok"})
+        table.append(
+            {"delta": d, "q": q, "v": v, "s": s, "reason": "ok" if v >= v_floor else "floored"}
+        )
         if best is None or s > best[0]:  # strict: an equal S keeps the smaller Δ
             best = (s, len(table) - 1)
     if best is None:
@@ -166,7 +172,8 @@ def choose_rollback(
             f"no rollback candidate has both Q̂ and V̂: candidates {deltas}, "
             f"Q̂ for {sorted(q_hat)}, V̂ for {sorted(v_hat)}"
         )
-    table[best[1]]["reason"] = "chosen"
+    chosen = table[best[1]]
+    chosen["reason"] = "chosen" if chosen["reason"] == "ok" else "chosen (floored)"
     return RollbackChoice(delta=int(table[best[1]]["delta"]), table=table)
 
 
