@@ -143,6 +143,7 @@ def measure(cfg: ExperimentConfig, goal: Goal, cut: int | None = None) -> dict[s
     threshold = goal.threshold(summary["warm-up accuracy"])
     reached = steps_to_threshold(rows, threshold)
     updates = max(r["step"] for r in rows)
+    ahead = sum(d for _, d in lookahead)
     per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     rollout_tokens = sum(r.get("response/length_mean", 0.0) * per_step for r in rows)
     ahead_before = sum(d for at, d in lookahead if reached is not None and at < reached)
@@ -157,13 +158,13 @@ def measure(cfg: ExperimentConfig, goal: Goal, cut: int | None = None) -> dict[s
         "steps_to_threshold": reached,
         "compute_to_threshold": None if reached is None else reached + ahead_before,
         "updates": updates,
-        "lookahead_steps": sum(d for _, d in lookahead),
+        "lookahead_steps": ahead,
         "guidance_tokens": sum(h["stats"]["sampled_tokens"] for h in headers),
         # is the guide ahead? its greedy accuracy over the guided checkpoint's, and Q̂
         "guide_gap": _mean([h["stats"]["accuracy_gap"] for h in headers] or [None]),
         "q_hat": _mean([h["stats"]["q_hat"] for h in headers] or [None]),
-        "total_compute": updates + sum(d for _, d in lookahead),
-        "sampled_tokens": rollout_tokens * (1 + sum(d for _, d in lookahead) / max(updates, 1))
+        "total_compute": updates + ahead,
+        "sampled_tokens": rollout_tokens * (1 + ahead / max(updates, 1))
         + sum(h["stats"]["sampled_tokens"] for h in headers),
         "wall_s": wall,
     }

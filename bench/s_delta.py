@@ -3,7 +3,7 @@
 NPO's premise (docs/algorithm.md): a guide π_{t+Δ} helps the policy π_t in proportion to
 S(Δ) = Q(Δ) / V(Δ), where Q grows with Δ (a later policy solves more of what π_t fails) and
 V too (its trajectories are further off π_t's distribution), so S has an interior optimum.
-This script measures both on a finished run whose checkpoints are `--every` steps apart:
+This script measures both on a finished run with a checkpoint at every t and t + Δ asked for:
 
 For each point t in --at, the prompts of the steps (t, t + --window] (what a guide at t
 serves); π_t samples --tries responses for each, and the prompts with no correct one are the
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,14 @@ from typing import Any
 import torch
 
 from npo.algo.autonpo import choose_rollback, mean_token_kl
+from npo.algo.npo import pass_rates
 from npo.config import load_config
 from npo.rollout import RolloutBatch, sample
 from npo.stages import use_compute
 from npo.store.artifacts import open_store
 from npo.tasks import Problem, make_task
 from npo.training.rl_step import sequence_logprobs
-from npo.training.seeding import batch_indices, derive_seed
+from npo.training.seeding import derive_seed, segment_indices
 from npo.training.state import load_train_state
 
 
@@ -68,11 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def window_problems(cfg: Any, train: list[Problem], t: int, window: int) -> list[Problem]:
     """The distinct prompts of policy steps (t, t + window], as the run drew them."""
     per = cfg.rollout.prompts_per_step
-    seen: dict[str, Problem] = {}
-    for step in range(t + 1, t + window + 1):
-        for i in batch_indices(len(train), per, step - 1, cfg.seed):
-            seen.setdefault(train[i].id, train[i])
-    return list(seen.values())
+    return [train[i] for i in segment_indices(len(train), per, t, t + window, cfg.seed)]
 
 
 def draw(cfg: Any, task: Any, model: Any, tokenizer: Any, problems: list[Problem], k: int,
@@ -88,7 +86,7 @@ def draw(cfg: Any, task: Any, model: Any, tokenizer: Any, problems: list[Problem
 
 def solved(rewards: list[float], k: int) -> list[bool]:
     """Per prompt (rows grouped k at a time): at least one correct response."""
-    return [any(r > 0 for r in rewards[i : i + k]) for i in range(0, len(rewards), k)]
+    return (pass_rates(torch.tensor(rewards).view(-1, k)) > 0).tolist()
 
 
 def measure_point(cfg: Any, task: Any, store: Any, run: str, t: int,
@@ -140,7 +138,7 @@ def measure_point(cfg: Any, task: Any, store: Any, run: str, t: int,
 def choices(rows: list[dict[str, Any]], floor: float) -> dict[str, int | None]:
     """argmax Ŝ over Δ > 0, and what AutoNPO's rule picks from the same Q̂, V̂ with the
     configured floor and with the old 1e-3."""
-    ahead = [r for r in rows if r["delta"] > 0 and r["q"] == r["q"]]
+    ahead = [r for r in rows if r["delta"] > 0 and not math.isnan(r["q"])]
     if not ahead:
         return {"argmax_s": None, "argmax_s_excess": None, "autonpo": None,
                 "autonpo_old_floor": None}  # fmt: skip

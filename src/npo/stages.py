@@ -125,13 +125,10 @@ def context_for(ctx: RunContext, run_id: str) -> RunContext:
 
 def segment_problems(ctx: RunContext, start: int, end: int) -> list[Problem]:
     """The training prompts of policy steps (start, end], each once, in order of use."""
-    from npo.training.seeding import batch_indices
+    from npo.training.seeding import segment_indices
 
     pool, per_step = ctx.task.train_problems(), ctx.cfg.rollout.prompts_per_step
-    seen: dict[int, None] = {}
-    for step in range(start, end):
-        seen.update(dict.fromkeys(batch_indices(len(pool), per_step, step, ctx.cfg.seed)))
-    return [pool[i] for i in seen]
+    return [pool[i] for i in segment_indices(len(pool), per_step, start, end, ctx.cfg.seed)]
 
 
 def auto_interventions(ctx: RunContext) -> list[InterventionRow]:

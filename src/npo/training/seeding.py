@@ -47,6 +47,20 @@ def batch_indices(n: int, per_step: int, step: int, seed: int) -> list[int]:
     return out
 
 
+def segment_indices(n: int, per_step: int, start: int, end: int, seed: int) -> list[int]:
+    """The distinct prompt indices of policy steps (start, end], in order of first use
+    (policy step s draws `batch_indices(n, per_step, s - 1, seed)`).
+
+    >>> segment_indices(4, 2, 0, 2, seed=1) == list(dict.fromkeys(
+    ...     batch_indices(4, 2, 0, seed=1) + batch_indices(4, 2, 1, seed=1)))
+    True
+    """
+    seen: dict[int, None] = {}
+    for step in range(start, end):
+        seen.update(dict.fromkeys(batch_indices(n, per_step, step, seed)))
+    return list(seen)
+
+
 def rng_state() -> dict[str, Any]:
     """Snapshot of python / numpy / torch RNG states (saved with each checkpoint).
 
