@@ -29,7 +29,7 @@ import torch
 
 from npo.algo import token_logprobs
 from npo.config import load_config
-from npo.policy import init_policy
+from npo.policy.model import init_policy
 from npo.rollout import sample
 from npo.stages import use_compute
 from npo.steps.evaluate import eval_settings, evaluate_policy

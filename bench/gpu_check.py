@@ -131,7 +131,7 @@ def throughput(args: argparse.Namespace, device: str) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from npo.config import AlgoConfig
-    from npo.policy.model import compute_context, use_compute_dtype
+    from npo.policy.compute import compute_context, use_compute_dtype
     from npo.rollout.batch import RolloutBatch
     from npo.rollout.hf import response_mask_from_ids
     from npo.training.rl_step import ppo_update
@@ -216,7 +216,7 @@ def real_step_memory(args: argparse.Namespace, device: str) -> dict[str, Any]:
     case). The config's memory estimate (its comment) is checked against this."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from npo.policy.model import use_compute_dtype
+    from npo.policy.compute import use_compute_dtype
     from npo.rollout.batch import RolloutBatch
     from npo.training.rl_step import ppo_update
 

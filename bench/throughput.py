@@ -40,7 +40,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from npo.config import ExperimentConfig
-from npo.policy import init_policy
+from npo.policy.model import init_policy
 from npo.rollout import RolloutBatch, sample
 from npo.steps.evaluate import evaluate_policy
 from npo.tasks import make_task

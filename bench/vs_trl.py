@@ -87,7 +87,7 @@ def ensure_trl_venv(venv: Path) -> Path:
 def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Save the starting policy and write bench.json (settings, config, prompts)."""
     from npo.config import ExperimentConfig
-    from npo.policy import init_policy, load_policy, save_policy
+    from npo.policy.model import init_policy, load_policy, save_policy
     from npo.tasks import make_task
 
     settings = {

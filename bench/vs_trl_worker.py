@@ -42,7 +42,7 @@ def run_project(workdir: Path, spec: dict[str, Any], reply: TextIO) -> None:
 
     from npo.algo import compute_advantages
     from npo.config import ExperimentConfig
-    from npo.policy import load_policy
+    from npo.policy.model import load_policy
     from npo.stages import use_compute
     from npo.steps.train_segment import scored_rollout
     from npo.tasks import Problem, make_task

@@ -44,7 +44,7 @@ def tiny_policy(one_thread):
     """
     import torch
 
-    from npo.policy import init_policy
+    from npo.policy.model import init_policy
 
     model, tokenizer = init_policy(ModelConfig(tiny=TINY), ALPHABET, seed=0)
     gen = torch.Generator().manual_seed(1)

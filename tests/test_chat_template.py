@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from npo.cli import app
 from npo.config import load_config
-from npo.policy import build_char_tokenizer
 from npo.policy.chat import chat_prompt_template
+from npo.policy.tokenizer import build_char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -307,7 +307,7 @@ def test_show_config_prints_brackets_verbatim(runner):
 @pytest.fixture
 def saved_policy(tiny_policy, tmp_path) -> Path:
     """An untrained tiny model saved with save_policy, as a bare HF model folder."""
-    from npo.policy import save_policy
+    from npo.policy.model import save_policy
 
     model, tok = tiny_policy
     folder = tmp_path / "model"
@@ -351,7 +351,7 @@ def test_eval_saved_model_prints_accuracy(runner, saved_policy, one_thread):
 
 def test_eval_finds_the_run_config_and_checkpoint_policy(runner, tiny_policy, tmp_path, one_thread):
     """A run folder's config.yaml names the task; a checkpoint folder holds policy/."""
-    from npo.policy import save_policy
+    from npo.policy.model import save_policy
 
     run_dir = tmp_path / "runs" / "r1"
     ckpt = run_dir / "checkpoints" / "step_000003"

@@ -56,7 +56,8 @@ def test_forced_trigger_rolls_back_and_replays_with_guidance(tmp_path: Path) -> 
         delta = iv.delta
         assert delta in (3, 6) and iv.rollback_to == 6 - delta
         assert sorted(r["delta"] for r in iv.s_table) == [3, 6]
-        chosen = [r for r in iv.s_table if r["reason"].startswith("chosen")]  # or "chosen (floored)"
+        # the chosen row: "chosen", or "chosen (floored)" when its V̂ was under the floor
+        chosen = [r for r in iv.s_table if r["reason"].startswith("chosen")]
         assert [r["delta"] for r in chosen] == [delta]
         assert iv.signals["policy_step"] == 6 and iv.signals["allowed"] is True
         assert db.mistakes_by_step("auto")  # the pool was filled during training

@@ -156,7 +156,7 @@ def test_main_line_vs_branches() -> None:
 
 
 def test_gold_teacher_guides_every_group_with_the_gold_response() -> None:
-    from npo.policy import build_char_tokenizer
+    from npo.policy.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer("0123456789+=")
     problems = [
@@ -173,7 +173,7 @@ def test_gold_teacher_guides_every_group_with_the_gold_response() -> None:
 
 
 def test_gold_teacher_writes_the_external_solvers_text_where_the_task_has_one() -> None:
-    from npo.policy import build_char_tokenizer
+    from npo.policy.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer("0123456789+*(),:=")
     problem = Problem(id="c", prompt="3,7,9:30=", answer="30", target="3*7+9", teacher="((7*3)+9)")

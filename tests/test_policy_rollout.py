@@ -22,8 +22,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from npo.algo import token_logprobs
 from npo.config import AlgoConfig, ModelConfig, RolloutConfig
-from npo.policy import build_char_tokenizer, init_policy, load_policy, save_policy, stop_token_ids
-from npo.policy.model import add_stop_tokens, stop_token_id, use_attention
+from npo.policy.compute import use_attention
+from npo.policy.model import (
+    add_stop_tokens,
+    init_policy,
+    load_policy,
+    save_policy,
+    stop_token_id,
+    stop_token_ids,
+)
+from npo.policy.tokenizer import build_char_tokenizer
 from npo.rollout import RolloutBatch, hf, response_mask_from_ids, rollout, sample
 from npo.training.forward import response_logits
 from npo.training.rl_step import ppo_update, sequence_logprobs

@@ -14,8 +14,8 @@ from helpers import write_tiny_config
 from safetensors.torch import load_file
 
 from npo.config import AlgoConfig, load_config
-from npo.policy import load_policy, save_policy
-from npo.policy.model import compute_context, forward_dtype, use_compute_dtype
+from npo.policy.compute import compute_context, forward_dtype, use_compute_dtype
+from npo.policy.model import load_policy, save_policy
 from npo.rollout import sample
 from npo.training.forward import response_logits
 from npo.training.rl_step import ppo_update, sequence_logprobs

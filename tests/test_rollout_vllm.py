@@ -19,8 +19,8 @@ import torch
 from helpers import write_tiny_config
 
 from npo.config import ConfigError, ModelConfig, load_config
-from npo.policy import init_policy
-from npo.policy.model import use_compute_dtype
+from npo.policy.compute import use_compute_dtype
+from npo.policy.model import init_policy
 from npo.rollout import hf, rollout
 from npo.rollout import vllm as vb
 from npo.steps.context import open_run

@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from npo.config import AlgoConfig, ArithmeticTaskConfig, LossAgg
-from npo.policy import build_char_tokenizer
+from npo.policy.tokenizer import build_char_tokenizer
 from npo.rollout import RolloutBatch, sample
 from npo.steps.train_segment import rollout_metrics
 from npo.tasks import make_task

@@ -314,7 +314,7 @@ def eval_(
         _fail(e)
     cfg = _load(config or find_run_config(checkpoint), set_)
     _quiet_libraries()
-    from npo.policy import load_policy
+    from npo.policy.model import load_policy
     from npo.stages import use_compute
     from npo.steps.evaluate import eval_settings, evaluate_policy
     from npo.tasks import TaskError, make_task

@@ -23,7 +23,9 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import re
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -575,12 +577,27 @@ def use_compute(cfg: ExperimentConfig) -> None:
     this: a stage, the in-process engine)."""
     import torch
 
-    from npo.policy.model import use_attention, use_compute_dtype, use_device
+    from npo.policy.compute import use_attention, use_compute_dtype, use_device
 
     torch.set_num_threads(cfg.train.threads)
     use_device(cfg.model.device)
     use_compute_dtype(cfg.model.compute_dtype)
     use_attention(cfg.model.attn_implementation())
+
+
+def quiet_transformers() -> None:
+    """No tqdm bars and only errors from transformers in task logs (and none of the
+    multiprocessing lock tqdm creates per process, which the long-lived step-server worker
+    would keep). Through its environment variables while it is not imported (a user's own
+    setting wins): importing it for its logging alone would add a second to a pod's start."""
+    if "transformers" in sys.modules or "huggingface_hub" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def run_stage(name: str, config: str, progress: ProgressFn | None = None, **params: Any) -> Result:
@@ -592,13 +609,8 @@ def run_stage(name: str, config: str, progress: ProgressFn | None = None, **para
         raise ValueError(f"unknown stage {name!r}; one of {sorted(STAGES)}")
     cfg = config_from_json(config)
     if STAGES[name].runs_model:  # a light stage's pod imports neither torch nor transformers
-        from transformers.utils import logging as hf_logging
-
+        quiet_transformers()
         use_compute(cfg)
-        # No tqdm bars from transformers in task logs (and none of the multiprocessing lock
-        # tqdm creates per process, which the long-lived step-server worker would keep).
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
     ctx = open_run(cfg, progress=progress, lazy_tracking=True)
     try:
         ctx.db.set_run_status(ctx.run_id, "running")

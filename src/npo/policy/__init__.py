@@ -1,6 +1,6 @@
-"""Policy: model + tokenizer loading (built-in tiny model or a local HF folder)."""
+"""Policy: model + tokenizer loading (built-in tiny model or a local HF folder) in
+`npo.policy.model`, the process's compute settings in `npo.policy.compute`.
 
-from npo.policy.model import init_policy, load_policy, save_policy, stop_token_ids
-from npo.policy.tokenizer import build_char_tokenizer
-
-__all__ = ["build_char_tokenizer", "init_policy", "load_policy", "save_policy", "stop_token_ids"]
+Nothing is imported here: `npo.policy.compute` needs torch only, and importing the package
+must not pull in transformers' model classes (`npo.policy.model`) with it.
+"""

@@ -4,7 +4,7 @@
 `RolloutBatch` whose behaviour log-probs are those of the tempered distribution we sampled
 from (no top-k / top-p: see npo.policy.model). Greedy decoding (eval) is `temperature=0`.
 A response ends at the first of the model's stop ids (`npo.policy.stop_token_ids`).
-Sampling runs in the run's compute dtype (`npo.policy.model.compute_context`); the
+Sampling runs in the run's compute dtype (`npo.policy.compute.compute_context`); the
 recorded log-probs are float32 log-softmax of the logits it sampled from.
 
 The decoding loop is the model's own forward with its KV cache rather than `generate`:
@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from npo.policy.model import compute_context, stop_token_ids
+from npo.policy.compute import compute_context
+from npo.policy.model import stop_token_ids
 from npo.policy.prefix import prompt_pass
 from npo.rollout.batch import RolloutBatch
 

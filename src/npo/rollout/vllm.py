@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from npo.policy.model import forward_dtype, stop_token_ids
+from npo.policy.compute import forward_dtype
+from npo.policy.model import stop_token_ids
 from npo.rollout.batch import RolloutBatch
 
 

@@ -41,7 +41,7 @@ from npo.learning_signal import (
     trailing_streak,
     without_signal,
 )
-from npo.policy import stop_token_ids
+from npo.policy.model import stop_token_ids
 from npo.rollout import RolloutBatch, rollout
 from npo.steps.context import RunContext
 from npo.steps.evaluate import eval_settings, evaluate_on_ranks

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from npo.config import ExperimentConfig, current_dump, public_dump
-from npo.policy import init_policy
+from npo.policy.model import init_policy
 from npo.steps.context import RunConflict, RunContext, warmup_progress_id
 from npo.steps.evaluate import eval_settings, evaluate_on_ranks
 from npo.steps.ranks import RanksFailed, needs_ranks, run_on_ranks

@@ -1,5 +1,5 @@
 """Teacher-forced forward passes over (prompt, response) pairs, in the run's compute dtype
-(`npo.policy.model.compute_context`).
+(`npo.policy.compute.compute_context`).
 
 Rows that share a prompt share its forward pass (`npo.policy.prefix.prompt_pass`) and the
 responses run on top of its gathered KV cache. The logits are those of one pass over the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from npo.policy.model import compute_context
+from npo.policy.compute import compute_context
 from npo.policy.prefix import prompt_pass
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from npo.policy import load_policy, save_policy
+from npo.policy.model import load_policy, save_policy
 from npo.store.artifacts import ArtifactStore
 from npo.store.checkpoint import (
     CheckpointError,
