@@ -81,6 +81,7 @@ def config(args: argparse.Namespace, method: str, seed: int) -> ExperimentConfig
         f"warmup.target_accuracy={args.warmup_target}",
         f"train.eval_every={args.eval_every}",
         f"task.n_eval={args.n_eval}",
+        f"train.eval_samples={args.eval_samples}",
         f"store.root={args.out}",
         "tracking.enabled=false",
         "warmup.init_from=null" if method == "grpo" else f"warmup.init_from=s{seed}-grpo",
@@ -120,6 +121,7 @@ class Goal:
 
     fixed: float | None
     gain: float
+    metric: str = "eval/accuracy"
 
     def threshold(self, start: float) -> float:
         return self.fixed if self.fixed is not None else start + self.gain
@@ -140,8 +142,9 @@ def measure(cfg: ExperimentConfig, goal: Goal, cut: int | None = None) -> dict[s
         for h in headers
         if is_branch(cfg.name, h["guide_run_id"])
     ]
-    threshold = goal.threshold(summary["warm-up accuracy"])
-    reached = steps_to_threshold(rows, threshold)
+    start = accuracy_at(full, 0, goal.metric)  # the step-0 eval: where the warm-up left it
+    threshold = goal.threshold(start)
+    reached = steps_to_threshold(rows, threshold, goal.metric)
     updates = max(r["step"] for r in rows)
     ahead = sum(d for _, d in lookahead)
     per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
@@ -152,8 +155,8 @@ def measure(cfg: ExperimentConfig, goal: Goal, cut: int | None = None) -> dict[s
         "full_history": full,
         "trained": max(r["step"] for r in full),
         "summary": summary,
-        "final": accuracy_at(rows, updates),
-        "start": summary["warm-up accuracy"],
+        "final": accuracy_at(rows, updates, goal.metric),
+        "start": start,
         "threshold": threshold,
         "steps_to_threshold": reached,
         "compute_to_threshold": None if reached is None else reached + ahead_before,
@@ -207,7 +210,7 @@ def _mean(values: list[float | None]) -> float | None:
 def table(results: dict[str, dict[int, dict[str, Any]]], goal: Goal) -> str:
     grpo, delta0 = results.get("grpo", {}), results.get("delta0", {})
     lines = [
-        f"| method | final acc (95% CI) | final − GRPO (paired) | GRPO at equal compute "
+        f"| method | final {goal.metric} (95% CI) | final − GRPO (paired) | GRPO at equal compute "
         f"| steps to {goal} | − Δ0 (paired) | GRPO/method (steps) | GRPO/method (compute) "
         "| updates + look-ahead | sampled tokens | guide − current (pts) | guide Q̂ | wall (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -227,7 +230,7 @@ def table(results: dict[str, dict[int, dict[str, Any]]], goal: Goal) -> str:
         # GRPO's accuracy after as many updates (+ look-ahead) as this method spent
         par = _mean(
             [
-                accuracy_at(grpo[s]["full_history"], r["total_compute"])
+                accuracy_at(grpo[s]["full_history"], r["total_compute"], goal.metric)
                 if s in grpo and r["total_compute"] <= grpo[s]["trained"]
                 else None
                 for s, r in zip(seeds, rows, strict=True)
@@ -271,10 +274,18 @@ def main() -> None:
     # 256 greedy answers carry about +-3 points of sampling noise
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--n-eval", type=int, default=512)
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=0,
+        help="k sampled answers per eval prompt (train.eval_samples); with it the table reads "
+        "eval/mean_at_k, the sampled pass@1, instead of greedy accuracy",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--set", nargs="*", default=[], help="extra key=value for every run")
     args = p.parse_args()
-    goal = Goal(args.threshold, args.gain)
+    metric = "eval/mean_at_k" if args.eval_samples else "eval/accuracy"
+    goal = Goal(args.threshold, args.gain, metric)
     methods = ["grpo", *[m for m in args.methods if m != "grpo"]]  # grpo owns the warm-up
 
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}

@@ -263,9 +263,11 @@ def test_math_answers_under_the_tiny_tokenizer(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_the_shipped_configs_pass(path, tmp_path):
     cfg = load_config(path, [f"store.root={tmp_path / 'runs'}"])
-    # run after toy-grpo (make run: npo compare); the cluster config runs on a cluster
+    # an AutoNPO config runs after its GRPO baseline (npo compare, the bench), whose warm-up
+    # it reuses; the cluster config runs on a cluster
     where = "cluster" if cfg.model.device == "cuda" else "local"
-    assert check_before_start(cfg, where=where, planned={"toy-grpo"}) == []
+    planned = {"toy-grpo", "countdown-grpo"}
+    assert check_before_start(cfg, where=where, planned=planned) == []
 
 
 # --------------------------------------------------------------------------- the CLI

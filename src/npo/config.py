@@ -389,6 +389,15 @@ class TrainConfig(_Strict):
     eval_size: int | None = Field(
         None, ge=1, description="Eval on the first N eval prompts (None = all)."
     )
+    eval_samples: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Also sample k responses per eval prompt at rollout.temperature and log "
+        "their mean reward (eval/mean_at_k: the sampled pass@1, which RL moves before the "
+        "greedy answer) and eval/pass_at_k; 0 = greedy eval only. Seeded per prompt, the "
+        "same at every eval of the run.",
+    )
     threads: int = Field(
         2,
         ge=1,

@@ -44,6 +44,7 @@ _SHOWN = {
     "sft/loss": "loss",
     "reward/mean": "reward",
     "eval/accuracy": "eval",
+    "eval/mean_at_k": "mean@k",
     "actor/entropy": "entropy",
     "perf/step_time_s": "s/step",
 }

@@ -36,20 +36,22 @@ class RunCurves:
     events: list[dict] = field(default_factory=list)
 
 
-def steps_to_threshold(history: list[dict[str, Any]], threshold: float) -> int | None:
-    """First global step whose eval accuracy is >= `threshold`, or None if never.
+def steps_to_threshold(
+    history: list[dict[str, Any]], threshold: float, metric: str = ACCURACY
+) -> int | None:
+    """First global step whose eval accuracy (or `metric`) is >= `threshold`, or None.
 
     >>> h = [{"step": 0, "eval/accuracy": 0.3}, {"step": 5}, {"step": 10, "eval/accuracy": 0.6}]
     >>> steps_to_threshold(h, 0.5), steps_to_threshold(h, 0.6), steps_to_threshold(h, 0.9)
     (10, 10, None)
     """
-    steps, acc = _series(history, ACCURACY)
+    steps, acc = _series(history, metric)
     hits = np.flatnonzero(acc >= threshold)
     return int(steps[hits[0]]) if len(hits) else None
 
 
-def accuracy_at(history: list[dict[str, Any]], step: int) -> float | None:
-    """Eval accuracy of the last eval at or before global `step` (None if none yet).
+def accuracy_at(history: list[dict[str, Any]], step: int, metric: str = ACCURACY) -> float | None:
+    """Eval accuracy (or `metric`) of the last eval at or before global `step` (None if none).
 
     Compares runs at equal compute: a baseline's accuracy after as many updates as another
     method spent.
@@ -58,7 +60,7 @@ def accuracy_at(history: list[dict[str, Any]], step: int) -> float | None:
     >>> accuracy_at(h, 9), accuracy_at(h, 10), accuracy_at(h, 99), accuracy_at(h, -1)
     (0.3, 0.6, 0.6, None)
     """
-    steps, acc = _series(history, ACCURACY)
+    steps, acc = _series(history, metric)
     upto = np.flatnonzero(steps <= step)
     return float(acc[upto[-1]]) if len(upto) else None
 

@@ -124,7 +124,8 @@ def warmup(ctx: RunContext) -> dict[str, float]:
         done += 1
         if done % cfg.warmup.check_every == 0 or done == cfg.warmup.steps:
             if target is not None:
-                acc = _evaluate(ctx, model, tokenizer, evals, ranks)["eval/accuracy"]
+                acc = _evaluate(ctx, model, tokenizer, evals, ranks, sampled=False)
+                acc = acc["eval/accuracy"]
                 metrics["sft/eval_accuracy"] = acc
                 reached = acc >= target  # the same on every rank: the whole set's accuracy
             ctx.tracker.log_metrics(metrics, step=done)
@@ -162,8 +163,10 @@ def _evaluate(
     tokenizer: PreTrainedTokenizerBase,
     evals: list[Problem],
     ranks: Ranks,
+    sampled: bool = True,
 ) -> dict[str, float]:
-    settings = eval_settings(ctx.cfg)
+    # sampled=False: greedy only (the target checks; the sampled eval is the RL start's)
+    settings = eval_settings(ctx.cfg) | ({} if sampled else {"samples": 0})
     with full_weights(model):  # FSDP: uneven shares, no collective inside
         return evaluate_on_ranks(unwrap(model), tokenizer, ctx.task, evals, ranks, **settings)
 
@@ -242,6 +245,7 @@ def _warmup_identity(data: dict[str, Any]) -> dict[str, Any]:
         "warmup": warm,
         "max_new_tokens": data["rollout"]["max_new_tokens"],
         "eval_size": data["train"]["eval_size"],
+        "eval_samples": data["train"].get("eval_samples", 0),  # its step-0 row carries them
     }
 
 
