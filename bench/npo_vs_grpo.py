@@ -86,10 +86,15 @@ def config(args: argparse.Namespace, method: str, seed: int) -> ExperimentConfig
         "tracking.enabled=false",
         "warmup.init_from=null" if method == "grpo" else f"warmup.init_from=s{seed}-grpo",
         *METHODS[method],
+        *([f"npo.late.at_step={args.late_at}"] if args.late_at and _late(method) else []),
         *([f"baselines.rlep_run=s{seed}-grpo"] if method == "rlep" else []),
         *args.set,
     ]
     return load_config(base, overrides)
+
+
+def _late(method: str) -> bool:
+    return "npo.late.enabled=true" in METHODS[method]
 
 
 def run_once(cfg: ExperimentConfig) -> tuple[dict[str, Any], float]:
@@ -280,6 +285,12 @@ def main() -> None:
         default=0,
         help="k sampled answers per eval prompt (train.eval_samples); with it the table reads "
         "eval/mean_at_k, the sampled pass@1, instead of greedy accuracy",
+    )
+    p.add_argument(
+        "--late-at",
+        type=int,
+        help="npo.late.at_step of the methods with a late breakthrough (npo-early-late, "
+        "delta0): it + the look-ahead must fit in --steps",
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--set", nargs="*", default=[], help="extra key=value for every run")

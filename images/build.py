@@ -44,9 +44,6 @@ DEBIAN_BASE = "npo-base:bookworm-python3.11"
 # without the server's dependencies (Flask, gunicorn, pandas, scipy, scikit-learn: 250 MB
 # of the CPU image). The lock pins it, at mlflow's version, as mlflow's own dependency.
 CLIENT_ONLY = {"mlflow": "mlflow-skinny"}
-# Imported by npo itself (npo.guidance.cache reads and writes parquet) but declared by no
-# dependency of npo[cluster] other than the mlflow server.
-RUNTIME_EXTRA = ["pyarrow"]
 # What the Dockerfiles COPY from the context, besides build/image-inputs/.
 HASHED = ["requirements.lock", "images/requirements-cuda.lock", "pyproject.toml", "README.md",
           ".dockerignore", "src", "configs"]  # fmt: skip
@@ -123,14 +120,14 @@ def normalise(name: str) -> str:
 
 def runtime_requirements() -> list[str]:
     """What the CPU image installs besides torch: npo's dependencies and its cluster extra
-    (pyproject.toml), mlflow as its client (CLIENT_ONLY), plus RUNTIME_EXTRA. Each must be
+    (pyproject.toml), mlflow as its client (CLIENT_ONLY). Each must be
     in requirements.lock, which the image installs as constraints: the versions the tests
     ran with, and no pin to keep in step by hand."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = [*project["dependencies"], *project["optional-dependencies"]["cluster"]]
     pins = lock_pins()
     out = []
-    for text in [*wanted, *RUNTIME_EXTRA]:
+    for text in wanted:
         name = normalise(re.match(r"[A-Za-z0-9._-]+", text).group())
         if name == "torch":  # the CPU wheel, installed by its own pin (Dockerfile.cpu)
             continue

@@ -180,3 +180,16 @@ def test_fourth_panel_only_on_rewind(tmp_path) -> None:
 
     png, _ = write_report(tmp_path, rows, {}, title="autonpo")
     assert png.read_bytes()[:8] == PNG_MAGIC and len(png.read_bytes()) > 20_000
+
+
+def test_the_sampled_eval_is_a_second_line_of_the_eval_panel() -> None:
+    rows = [
+        {**r, "eval/mean_at_k": r["eval/accuracy"] / 2} for r in _history() if "eval/accuracy" in r
+    ]
+    lines = {ln.get_label(): ln for ln in report._figure(rows, "t").axes[1].lines}
+    assert list(lines["mean@k"].get_ydata()) == [r["eval/mean_at_k"] for r in rows]
+    assert list(lines["greedy pass@1"].get_ydata()) == [r["eval/accuracy"] for r in rows]
+    # without train.eval_samples: the greedy line only
+    assert [ln.get_label() for ln in report._figure(_history(), "t").axes[1].lines] == [
+        "greedy pass@1"
+    ]

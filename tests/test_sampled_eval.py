@@ -74,3 +74,26 @@ def test_greedy_only_by_default_and_the_run_settings_carry_k():
     cfg = ExperimentConfig.model_validate({"train": {"eval_samples": 8}, "seed": 5})
     settings = eval_settings(cfg)
     assert (settings["samples"], settings["seed"], settings["temperature"]) == (8, 5, 1.0)
+
+
+@pytest.mark.slow
+def test_a_run_logs_mean_at_k_at_every_eval_and_summarizes_it(tmp_path):
+    from helpers import write_tiny_config
+
+    from npo.config import load_config
+    from npo.experiment import run_experiment
+    from npo.report import load_history
+
+    cfg = load_config(
+        write_tiny_config(
+            tmp_path / "c.yaml", tmp_path / "runs", "k", 6,
+            train={"eval_samples": 3}, tracking={"enabled": False},
+        )
+    )  # fmt: skip
+    summary = run_experiment(cfg)
+    rows = load_history(tmp_path / "runs" / "k" / "metrics.jsonl")
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(0 <= r["eval/mean_at_k"] <= r["eval/pass_at_k"] <= 1 for r in evals)
+    assert summary["start mean@k (sampled pass@1)"] == evals[0]["eval/mean_at_k"]
+    assert summary["final mean@k (sampled pass@1)"] == evals[-1]["eval/mean_at_k"]

@@ -24,6 +24,17 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
     start = evals[0][1] if evals else float("nan")
     final = evals[-1][1] if evals else float("nan")
     train_rows = [r for r in rows if "perf/step_time_s" in r]
+    # the sampled eval (train.eval_samples), which RL moves before the greedy answer
+    sampled = [r["eval/mean_at_k"] for r in rows if "eval/mean_at_k" in r]
+    sampled_rows = (
+        {
+            "start mean@k (sampled pass@1)": sampled[0],
+            "final mean@k (sampled pass@1)": sampled[-1],
+            "mean@k gain (points)": 100.0 * (sampled[-1] - sampled[0]),
+        }
+        if sampled
+        else {}
+    )
 
     def mean(key: str) -> float:
         vals = [r[key] for r in train_rows if key in r]
@@ -81,6 +92,7 @@ def summarize(ctx: RunContext, wall_s: float) -> dict[str, Any]:
         "final accuracy": final,
         "best accuracy": max((a for _, a in evals), default=float("nan")),
         "gain (points)": 100.0 * (final - start),
+        **sampled_rows,
         "mean train reward (last 10 steps)": (
             sum(r["reward/mean"] for r in train_rows[-10:]) / max(len(train_rows[-10:]), 1)
         ),

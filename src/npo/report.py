@@ -198,10 +198,14 @@ def _figure(
     steps, acc = _series(history, ACCURACY)
     ax = axes[1]
     if len(steps):
-        ax.plot(steps, acc, color="tab:green", marker="o", lw=1.5)
+        ax.plot(steps, acc, color="tab:green", marker="o", lw=1.5, label="greedy pass@1")
         if acc.min() >= 0 and acc.max() <= 1:
             ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Eval accuracy (greedy pass@1)")
+    sampled_steps, sampled = _series(history, "eval/mean_at_k")  # train.eval_samples
+    if len(sampled_steps):
+        ax.plot(sampled_steps, sampled, color="tab:olive", marker="s", lw=1.5, label="mean@k")
+        ax.legend(loc="upper left", fontsize=7)
+    ax.set_title("Eval accuracy (greedy pass@1)" + (", sampled mean@k" if len(sampled) else ""))
     ax.set_ylabel("accuracy")
 
     steps, ent = _series(history, ENTROPY)
